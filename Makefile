@@ -1,0 +1,28 @@
+# Quick start: `make demo` (set up + end-to-end demo) and `make test` (set up + test suite).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/koa: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/koa
+
+demo: setup
+	$(BIN)/koa demo --out demo_out
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/bench_prepare.py
+	$(BIN)/python benchmarks/bench_roi.py
+	$(BIN)/python benchmarks/bench_train.py
+
+clean:
+	rm -rf demo_out .pytest_cache

@@ -1,0 +1,197 @@
+"""``koa`` command line: argument parsing only; every command is one call into the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# ------------------------------------------------------------------------------------------------------- commands
+def cmd_synth(a) -> int:
+    from koa_ray.data.synthetic import make_dataset
+
+    summary = make_dataset(a.out, a.n, layout=a.layout, size=a.size, seed=a.seed)
+    _print_json(summary)
+    return 0
+
+
+def _roi_config(a):
+    from koa_ray.data.roi import RoiConfig
+
+    kw = {"enabled": not getattr(a, "no_roi", False)}
+    if getattr(a, "roi_margin", None) is not None:
+        kw["margin"] = a.roi_margin
+    if getattr(a, "no_mirror", False):
+        kw["mirror_left"] = False
+    return RoiConfig(**kw)
+
+
+def _ingest_config(a):
+    from koa_ray.data.ingest import IngestConfig
+
+    kw = {"seed": a.split_seed}
+    if a.patient_regex:
+        kw["patient_regex"] = a.patient_regex
+    if a.split_fractions:
+        kw["split_fractions"] = tuple(a.split_fractions)
+    return IngestConfig(**kw)
+
+
+def cmd_prepare(a) -> int:
+    from koa_ray.data.prep import PrepConfig, prepare
+
+    manifest = prepare(a.data, a.out, PrepConfig(image_size=a.image_size, roi=_roi_config(a)), _ingest_config(a),
+                       local=a.local, force=a.force, address=a.address, num_cpus=a.num_cpus)
+    print(f"prepared {manifest['n_inputs']} files -> {manifest['n_knees']} knees, {manifest['n_errors']} errors "
+          f"({'reused existing output' if manifest.get('reused') else str(manifest['images_per_s']) + ' images/s'}); "
+          f"counts: {json.dumps(manifest['counts'])}")
+    print(f"output: {a.out} (manifest.json, errors.csv)")
+    return 0
+
+
+def cmd_roi(a) -> int:
+    from koa_ray.data.locate import locate_knees
+
+    boxes, errors = locate_knees(a.inputs, _roi_config(a), _ingest_config(a))
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    boxes.to_csv(out, index=False)
+    err_path = out.with_name(out.stem + ".errors.csv")
+    errors.to_csv(err_path, index=False)
+    print(f"{len(boxes)} knee boxes from {boxes['path'].nunique()} images -> {out}; "
+          f"{int(boxes['roi_fallback'].sum())} fallback crops; {len(errors)} unreadable -> {err_path}")
+    return 0
+
+
+def _train_config(a):
+    from koa_ray.config import load_train_config
+
+    overrides = {"data": a.data, "out": a.out, "name": a.name, "workers": a.workers, "gpu": True if a.gpu else None,
+                 "address": a.address, "storage_path": a.storage_path, "epochs": a.epochs,
+                 "batch_size": a.batch_size, "image_size": a.image_size, "optim.lr": a.lr,
+                 "model.attention": a.attention, "model.arch": a.arch, "loss.name": a.loss,
+                 "model.pretrained": a.pretrained, "model.weights": a.weights, "seed": a.seed}
+    return load_train_config(a.config, overrides, a.set or [])
+
+
+def cmd_train(a) -> int:
+    cfg = _train_config(a)  # validated before Ray starts
+    if a.local:
+        from koa_ray.train.local import fit_local
+
+        result = fit_local(cfg, loader_workers=a.loader_workers)
+    else:
+        from koa_ray.train.driver import fit
+
+        result = fit(cfg)
+    _print_json(result)
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from koa_ray.demo import run_demo
+
+    run_demo(a.out, n=a.n, epochs=a.epochs, workers=a.workers, image_size=a.image_size)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------- parser
+def _add_ingest(p) -> None:
+    g = p.add_argument_group("ingest")
+    g.add_argument("--patient-regex", default=None, help="regex on the file stem with (?P<patient>) and (?P<side>)")
+    g.add_argument("--split-fractions", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"), default=None,
+                   help="patient-level split when the input has none (default 0.8 0.1 0.1)")
+    g.add_argument("--split-seed", type=int, default=0)
+
+
+def _add_roi(p) -> None:
+    g = p.add_argument_group("knee ROI")
+    g.add_argument("--roi-margin", type=float, default=None, help="box margin around the joint width")
+    g.add_argument("--no-mirror", action="store_true", help="do not mirror left knees to the right-knee orientation")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="koa", description="Kellgren-Lawrence grading of knee radiographs on Ray")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="generate synthetic knee radiographs")
+    s.add_argument("out")
+    s.add_argument("--n", type=int, default=600, help="number of images")
+    s.add_argument("--layout", choices=["single", "bilateral"], default="single")
+    s.add_argument("--size", type=int, default=224)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_synth)
+
+    s = sub.add_parser("prepare", help="decode, ROI-crop and resize images into Parquet with Ray Data")
+    s.add_argument("data", help="dataset root, split/grade folders, or a CSV/Parquet manifest")
+    s.add_argument("--out", required=True)
+    s.add_argument("--image-size", type=int, default=224)
+    s.add_argument("--no-roi", action="store_true", help="resize whole images, no knee-joint crop")
+    s.add_argument("--local", action="store_true", help="run the same transforms in this process, without Ray")
+    s.add_argument("--force", action="store_true", help="recompute even if a matching output exists")
+    s.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    s.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray instance")
+    _add_roi(s)
+    _add_ingest(s)
+    s.set_defaults(fn=cmd_prepare)
+
+    s = sub.add_parser("roi", help="detect knee-joint boxes and write them to CSV")
+    s.add_argument("inputs", nargs="+", help="files, folders (recursive), globs or manifests")
+    s.add_argument("--out", required=True, help="boxes CSV: path,x0,y0,x1,y1,side,score,roi_fallback")
+    _add_roi(s)
+    _add_ingest(s)
+    s.set_defaults(fn=cmd_roi)
+
+    s = sub.add_parser("train", help="train with Ray Train (or --local in one process)")
+    s.add_argument("--data", help="prepared dataset (output of koa prepare)")
+    s.add_argument("--out", help="runs folder (run directory = OUT/NAME)")
+    s.add_argument("--name", help="run name: re-running the same name resumes it")
+    s.add_argument("--config", help="YAML config; flags override it")
+    s.add_argument("--workers", type=int)
+    s.add_argument("--gpu", action="store_true")
+    s.add_argument("--address")
+    s.add_argument("--storage-path", help="checkpoint storage: local folder, shared mount, s3:// or gs://")
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--image-size", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--arch")
+    s.add_argument("--attention", choices=["none", "se", "cbam", "se+cbam"])
+    s.add_argument("--loss", choices=["focal", "ce"])
+    s.add_argument("--pretrained", choices=["imagenet"])
+    s.add_argument("--weights", help="local weights file for the backbone (offline alternative to --pretrained)")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. loss.gamma=1.5")
+    s.add_argument("--local", action="store_true", help="one process, one GPU if present else CPU, no Ray")
+    s.add_argument("--loader-workers", type=int, default=0, help="local mode: DataLoader worker processes")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("demo", help="synthetic data -> prepare -> 2-worker Ray Train -> evaluate, end to end")
+    s.add_argument("--out", default="demo_out")
+    s.add_argument("--n", type=int, default=600)
+    s.add_argument("--epochs", type=int, default=6)
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--image-size", type=int, default=64)
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from koa_ray.config import ConfigError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"koa {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

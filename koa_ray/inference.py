@@ -1,0 +1,80 @@
+"""Inference from a checkpoint with exactly the preprocessing recorded in it.
+
+:class:`Predictor` loads a checkpoint once and turns raw files (decode → ROI → crop, as in ``koa prepare``) or
+already-prepared crops into class probabilities. Ray Data actors in :mod:`koa_ray.score` and
+:mod:`koa_ray.explain.gradcam` each hold one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from koa_ray.data.augment import EvalPreset
+from koa_ray.data.decode import DecodeError, read_image
+from koa_ray.data.ingest import parse_patient_side
+from koa_ray.data.prep import PrepConfig, knee_crops
+from koa_ray.train.checkpoint import load_checkpoint, resolve_checkpoint
+
+
+@dataclass
+class Knee:
+    """One knee crop of one input file, ready for the model."""
+
+    path: str
+    crop: np.ndarray  # uint8 (S, S) at the prepared size
+    x0: int = -1
+    y0: int = -1
+    x1: int = -1
+    y1: int = -1
+    side: str = ""
+    roi_fallback: bool = False
+    label: int = -1
+
+
+def pick_device(use_gpu: bool | None = None) -> torch.device:
+    if use_gpu is None:
+        use_gpu = torch.cuda.is_available()
+    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
+class Predictor:
+    """Model + preprocessing of one checkpoint. ``model_id`` names it in outputs (run/checkpoint folder)."""
+
+    def __init__(self, checkpoint: str | Path, device: str | torch.device | None = None):
+        self.checkpoint = resolve_checkpoint(checkpoint)
+        self.device = torch.device(device) if device is not None else pick_device()
+        self.model, self.meta = load_checkpoint(self.checkpoint, self.device)
+        pre = self.meta["preprocess"]
+        self.prep = PrepConfig.from_dict(pre["prep"])
+        self.eval_preset = EvalPreset(pre["input_size"], pre["mean"], pre["std"], pre["in_chans"])
+        self.model_id = f"{self.checkpoint.parent.name}/{self.checkpoint.name}"
+
+    def knees_from_file(self, path: str, patient_regex: str | None = None) -> list[Knee]:
+        """Decode and ROI-crop one file; raises :class:`DecodeError` for unreadable input."""
+        img = read_image(path, min_side=self.prep.min_side)
+        side_hint = parse_patient_side(path, patient_regex)[1] if patient_regex else parse_patient_side(path)[1]
+        return [Knee(path, crop, b.x0, b.y0, b.x1, b.y1, b.side if b.side in ("L", "R") else side_hint,
+                     bool(b.fallback)) for crop, b in knee_crops(img, self.prep, side_hint)]
+
+    def inputs(self, crops: np.ndarray, flip: bool = False) -> torch.Tensor:
+        x = self.eval_preset.transform(crops)
+        if flip:
+            x = x[..., ::-1].copy()
+        return torch.from_numpy(x).to(self.device)
+
+    @torch.no_grad()
+    def predict(self, crops: np.ndarray, tta: bool = False) -> np.ndarray:
+        """``uint8 (N, S, S)`` crops → ``float (N, 5)`` probabilities; ``tta`` averages horizontal flips."""
+        if len(crops) == 0:
+            return np.zeros((0, 5), np.float32)
+        probs = torch.softmax(self.model(self.inputs(crops)).float(), 1)
+        if tta:
+            probs = 0.5 * (probs + torch.softmax(self.model(self.inputs(crops, flip=True)).float(), 1))
+        return probs.cpu().numpy()
+
+
+__all__ = ["DecodeError", "Knee", "Predictor", "pick_device"]

@@ -1,0 +1,82 @@
+"""Checkpoints as directories: weights beside everything needed to rebuild model and preprocessing.
+
+Layout of a checkpoint directory::
+
+    model.pt         state dict of the bare model (no DDP prefix); ``torch.load(path, weights_only=True)`` safe
+    koa.json         format, model build config, preprocessing (prep + input size + normalisation), class names,
+                     the resolved training config, the epoch, its validation metrics and the run history
+    train_state.pt   optimizer/scheduler/early-stopping state for resuming (optional)
+
+A *run directory* holds ``best.json`` pointing at its best checkpoint; every loader accepts either.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from koa_ray import CLASS_NAMES, __version__
+
+FORMAT = "koa-ray-checkpoint/1"
+WEIGHTS = "model.pt"
+META = "koa.json"
+TRAIN_STATE = "train_state.pt"
+BEST_POINTER = "best.json"
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def save_checkpoint(directory: str | Path, model: torch.nn.Module, meta: dict, train_state: dict | None = None) -> Path:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    torch.save(state, d / WEIGHTS)
+    full = {"format": FORMAT, "package_version": __version__, "class_names": list(CLASS_NAMES), **meta}
+    (d / META).write_text(json.dumps(full, indent=2, default=float))
+    if train_state is not None:
+        torch.save(train_state, d / TRAIN_STATE)
+    return d
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory (→ its best checkpoint), to a checkpoint directory.
+
+    Raises:
+        FileNotFoundError: neither a checkpoint (``koa.json`` + ``model.pt``) nor a run with ``best.json``.
+    """
+    p = Path(path)
+    if (p / META).is_file() and (p / WEIGHTS).is_file():
+        return p
+    if (p / BEST_POINTER).is_file():
+        best = json.loads((p / BEST_POINTER).read_text())
+        target = Path(best["checkpoint"])
+        if not target.is_absolute():
+            target = p / target
+        if (target / META).is_file():
+            return target
+        raise FileNotFoundError(f"{p / BEST_POINTER} points at {target}, which is not a checkpoint directory")
+    raise FileNotFoundError(f"{p} is neither a checkpoint directory ({META} + {WEIGHTS}) nor a run directory "
+                            f"with {BEST_POINTER}")
+
+
+def read_meta(path: str | Path) -> dict:
+    meta = json.loads((resolve_checkpoint(path) / META).read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: unsupported checkpoint format {meta.get('format')!r}; expected {FORMAT}")
+    return meta
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model from ``koa.json`` and load ``model.pt``; returns ``(model.eval(), meta)``."""
+    from koa_ray.models import build_model
+
+    d = resolve_checkpoint(path)
+    meta = read_meta(d)
+    model = build_model(**meta["model"])
+    state = torch.load(d / WEIGHTS, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta

@@ -1,0 +1,189 @@
+"""Ray Train V2 driver: builds the Ray Data streams and the ``TorchTrainer``, then writes the run directory."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from koa_ray.config import TrainConfig, from_dict, to_dict
+from koa_ray.data.augment import EvalPreset, TrainPreset
+from koa_ray.data.balance import Resample
+from koa_ray.train.loop import DataInfo, train_loop
+from koa_ray.train.run import data_info, owns_row, run_dir, write_run_artifacts
+
+
+class RayTrainSession:
+    """Session for a Ray Train worker: DDP, dataset shards, ``ray.train.report``."""
+
+    def __init__(self, cfg: TrainConfig):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.cfg = cfg
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.eval_preset = EvalPreset(cfg.image_size, in_chans=cfg.in_chans)
+
+    def prepare_model(self, model):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def train_batches(self, epoch):
+        import ray.train
+
+        shard = ray.train.get_dataset_shard("train")
+        for batch in shard.iter_torch_batches(batch_size=self.cfg.batch_size, dtypes={"image": torch.float32,
+                                              "label": torch.int64}, local_shuffle_buffer_size=self.cfg.batch_size * 8,
+                                              local_shuffle_seed=None):
+            yield batch["image"], batch["label"]
+
+    def val_batches(self):
+        import ray.train
+
+        shard = ray.train.get_dataset_shard("val")
+        if shard is None:
+            return
+        for b in shard.iter_batches(batch_size=self.cfg.eval_batch_size, batch_format="numpy"):
+            mine = np.array([owns_row(p, k, self.rank, self.world_size) for p, k in zip(b["path"], b["knee"])], bool)
+            if mine.any():
+                out = self.eval_preset({"image": b["image"][mine], "size": b["size"][mine], "label": b["label"][mine]})
+                yield out["image"], out["label"]
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+        else:
+            with ckpt.as_directory() as d:
+                yield Path(d)
+
+    def report(self, metrics, checkpoint_dir):
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_epoch_{metrics['epoch']:04d}")
+
+    def all_reduce(self, t):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and self.world_size > 1:
+            t = t.to(self.device)
+            dist.all_reduce(t)
+            return t.cpu()
+        return t
+
+
+def train_worker(config: dict) -> None:
+    """``train_loop_per_worker``: rebuild the typed config, then run the shared loop."""
+    cfg = from_dict(TrainConfig, config["cfg"])
+    torch.set_num_threads(max(1, int(config.get("torch_threads", 1))))
+    train_loop(cfg, DataInfo(**config["data"]), RayTrainSession(cfg))
+
+
+def build_datasets(cfg: TrainConfig, weights: np.ndarray) -> dict:
+    """Materialize the preprocessed Parquet once; re-sampling and augmentation run per epoch after it."""
+    import ray.data
+
+    prep = Path(cfg.data)
+    train = ray.data.read_parquet(str(prep / "train"), columns=["image", "size", "label"]).materialize()
+    n_blocks = max(8, cfg.workers * 4)
+    train = train.repartition(n_blocks).materialize()
+    stream = (train.randomize_block_order()
+              .map_batches(Resample(weights), batch_format="numpy", batch_size=256)
+              .map_batches(TrainPreset(cfg.augment, cfg.image_size, in_chans=cfg.in_chans), batch_format="numpy",
+                           batch_size=64))
+    datasets = {"train": stream}
+    if (prep / "val").is_dir():
+        datasets["val"] = ray.data.read_parquet(str(prep / "val"),
+                                                columns=["image", "size", "label", "path", "knee"]).materialize()
+    return datasets
+
+
+def check_shared_storage(storage_path: str) -> None:
+    """Fail early when a multi-node cluster would checkpoint to a folder that other nodes cannot see.
+
+    URIs (``s3://``, ``gs://``, ...) are trusted. A local path must be visible from every alive node: a marker file
+    written here must be readable by a task pinned to each node.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if "://" in storage_path:
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) <= 1:
+        return
+    Path(storage_path).mkdir(parents=True, exist_ok=True)
+    marker = Path(storage_path) / f".koa-shared-check-{uuid.uuid4().hex}"
+    marker.write_text("ok")
+
+    @ray.remote(num_cpus=0)
+    def _visible(p: str) -> bool:
+        return os.path.isfile(p)
+
+    try:
+        seen = ray.get([_visible.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                        .remote(str(marker)) for n in nodes])
+    finally:
+        marker.unlink(missing_ok=True)
+    if not all(seen):
+        missing = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen) if not ok]
+        raise RuntimeError(
+            f"--storage-path {storage_path} is a local folder that nodes {missing} cannot see; a multi-node run needs "
+            "shared storage for checkpoints: pass an s3:// or gs:// URI, or a folder on a shared mount (NFS, "
+            "/mnt/cluster_storage on KubeRay)")
+
+
+def fit(cfg: TrainConfig, scaling_resources: dict | None = None) -> dict:
+    """Train with Ray Train on a local or existing cluster; returns the run's ``best.json`` plus paths."""
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from koa_ray.runtime import init_ray
+
+    cfg = cfg.validate()
+    info, weights = data_info(cfg)
+    init_ray(cfg.address)
+    storage = cfg.storage_path or str(Path(cfg.out).resolve())
+    check_shared_storage(storage)
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.gpu else {}), **(scaling_resources or {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker=train_worker,
+        train_loop_config={"cfg": to_dict(cfg), "data": asdict(info),
+                           "torch_threads": max(1, int(cfg.cpus_per_worker))},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.name, storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_best, checkpoint_score_attribute="val_qwk"
+                                               if _has_val(cfg) else "best_val_qwk", checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.max_failures)),
+        datasets=build_datasets(cfg, weights),
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"training run {cfg.name} failed: {result.error}") from result.error
+    ckpts = [c.path for c, _ in (result.best_checkpoints or [])]
+    if result.checkpoint is not None and result.checkpoint.path not in ckpts:
+        ckpts.append(result.checkpoint.path)
+    if "://" in storage:
+        return {"run_dir": str(storage), "checkpoints": ckpts}
+    directory = run_dir(cfg) if not cfg.storage_path else Path(storage) / cfg.name
+    best = write_run_artifacts(cfg, directory, ckpts)
+    return {**best, "run_dir": str(directory)}
+
+
+def _has_val(cfg: TrainConfig) -> bool:
+    return (Path(cfg.data) / "val").is_dir()

@@ -1,0 +1,260 @@
+"""The training loop shared by Ray Train workers and local mode.
+
+``train_loop(cfg, data, session)`` only prepares the model, iterates its shard and reports; where the batches come
+from, how the model is wrapped (DDP or not) and where checkpoints go are the session's business
+(:class:`koa_ray.train.driver.RayTrainSession`, :class:`koa_ray.train.local.LocalSession`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Protocol
+
+import numpy as np
+import torch
+
+from koa_ray.config import TrainConfig, to_dict
+from koa_ray.data.augment import GRAY_MEAN, GRAY_STD
+from koa_ray.losses import build_loss, class_weights
+from koa_ray.metrics import classification_metrics
+from koa_ray.train.checkpoint import TRAIN_STATE, save_checkpoint
+
+NUM_CLASSES = 5
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What the loop needs to know about the prepared data (from its ``manifest.json``)."""
+
+    train_counts: tuple[int, ...]
+    n_train: int
+    prep: dict  # PrepConfig.to_dict() of the prepared data
+    epoch_samples: int  # expected samples per epoch after re-balancing
+
+
+class Session(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module: ...
+    def train_batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]: ...
+    def val_batches(self) -> Iterable[tuple[np.ndarray, np.ndarray]]: ...
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]: ...
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None: ...
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor: ...
+
+
+def checkpoint_meta(cfg: TrainConfig, model_cfg: dict, data: DataInfo, epoch: int, metrics: dict,
+                    history: list[dict]) -> dict:
+    return {
+        "model": model_cfg,
+        "preprocess": {"prep": data.prep, "input_size": cfg.image_size, "mean": GRAY_MEAN, "std": GRAY_STD,
+                       "in_chans": cfg.in_chans},
+        "train_config": to_dict(cfg),
+        "epoch": epoch,
+        "metrics": metrics,
+        "history": history,
+    }
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up to 1 over ``warmup`` steps, then cosine decay to ``min_ratio``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    o = cfg.optim
+    if o.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr)
+    if o.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=o.lr)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=0.9, nesterov=True)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.amp == "off" or device.type != "cuda":
+        return None
+    if cfg.amp == "fp16":
+        return torch.float16
+    return torch.bfloat16  # auto and bf16
+
+
+@torch.no_grad()
+def evaluate_batches(model: torch.nn.Module, batches: Iterable[tuple[np.ndarray, np.ndarray]], device: torch.device,
+                     loss_fn, amp: torch.dtype | None, channels_last: bool) -> tuple[np.ndarray, float, int]:
+    """Confusion matrix, summed loss and count over ``batches`` (already-normalised float arrays)."""
+    model.eval()
+    cm = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    loss_sum, n = 0.0, 0
+    for x, y in batches:
+        xt = torch.as_tensor(x, device=device)
+        if channels_last:
+            xt = xt.contiguous(memory_format=torch.channels_last)
+        yt = torch.as_tensor(y, device=device, dtype=torch.long)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = model(xt)
+        loss_sum += float(loss_fn(logits.float(), yt)) * len(y)
+        pred = logits.argmax(1).cpu().numpy()
+        np.add.at(cm, (np.asarray(y), pred), 1)
+        n += len(y)
+    return cm, loss_sum, n
+
+
+def metrics_from_confusion(cm: np.ndarray) -> dict:
+    """All classification metrics from a confusion matrix (rows = true grade)."""
+    t, p = np.nonzero(cm)
+    counts = cm[t, p]
+    y_true, y_pred = np.repeat(t, counts), np.repeat(p, counts)
+    return classification_metrics(y_true, y_pred, num_classes=NUM_CLASSES)
+
+
+def flat_metrics(prefix: str, m: dict) -> dict:
+    out = {f"{prefix}_{k}": float(m[k]) for k in
+           ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall", "macro_f1", "qwk", "mae")}
+    for g, pc in m["per_class"].items():
+        out[f"{prefix}_f1_{g}"] = float(pc["f1"])
+    return out
+
+
+def train_loop(cfg: TrainConfig, data: DataInfo, session: Session) -> None:
+    """Train ``cfg.epochs`` epochs (or until early stopping), reporting metrics and a checkpoint every epoch."""
+    from koa_ray.models import build_model
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed + session.rank)
+    device = session.device
+    m = cfg.model
+    model = build_model(arch=m.arch, attention=m.attention, reduction=m.reduction, in_chans=cfg.in_chans,
+                        num_classes=NUM_CLASSES, drop_rate=m.drop_rate, pretrained=m.pretrained, weights=m.weights)
+    model_cfg = dict(model.build_config)
+    if cfg.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    channels_last = cfg.channels_last and device.type == "cuda"
+    model = session.prepare_model(model)
+    optimizer = build_optimizer(cfg, model)
+    steps_per_epoch = max(1, math.ceil(data.epoch_samples / session.world_size / cfg.batch_size))
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, total_steps, warmup, cfg.optim.min_lr_ratio))
+    alpha_scheme = cfg.loss.alpha
+    alpha = None if alpha_scheme == "none" else class_weights(
+        data.train_counts, alpha_scheme if isinstance(alpha_scheme, str) else list(alpha_scheme), beta=cfg.loss.beta)
+    loss_fn = build_loss(cfg.loss.name, gamma=cfg.loss.gamma, alpha=alpha, label_smoothing=cfg.loss.label_smoothing,
+                         num_classes=NUM_CLASSES).to(device)
+    eval_loss = torch.nn.CrossEntropyLoss()
+    amp = autocast_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+
+    start_epoch, best_qwk, bad_epochs, history = 0, -math.inf, 0, []
+    with session.latest_checkpoint() as ckpt:
+        if ckpt is not None and (Path(ckpt) / TRAIN_STATE).is_file():
+            state = torch.load(Path(ckpt) / TRAIN_STATE, map_location="cpu", weights_only=True)
+            from koa_ray.train.checkpoint import WEIGHTS, unwrap
+
+            unwrap(model).load_state_dict(torch.load(Path(ckpt) / WEIGHTS, map_location="cpu", weights_only=True))
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch, best_qwk, bad_epochs = state["epoch"] + 1, state["best_qwk"], state["bad_epochs"]
+            import json
+
+            history = json.loads(state["history_json"])
+            if session.rank == 0:
+                print(f"[koa] resuming from {ckpt} at epoch {start_epoch}", flush=True)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        seen = torch.zeros(NUM_CLASSES, dtype=torch.float64)
+        loss_sum = torch.zeros(1, dtype=torch.float64)
+        for x, y in session.train_batches(epoch):
+            x = x.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = y.to(device, non_blocking=True).long()
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.optim.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            seen += torch.bincount(y.cpu(), minlength=NUM_CLASSES).double()
+            loss_sum += float(loss.detach()) * len(y)
+        train_time = time.perf_counter() - t0
+        seen = session.all_reduce(seen)
+        loss_sum = session.all_reduce(loss_sum)
+        n_seen = float(seen.sum())
+
+        cm, val_loss_sum, n_val = evaluate_batches(model, session.val_batches(), device, eval_loss, amp, channels_last)
+        cm = session.all_reduce(torch.as_tensor(cm, dtype=torch.float64)).numpy().astype(np.int64)
+        val_loss_sum = float(session.all_reduce(torch.tensor([val_loss_sum], dtype=torch.float64)))
+        val = metrics_from_confusion(cm) if cm.sum() else None
+
+        metrics = {"epoch": epoch, "train_loss": float(loss_sum) / max(n_seen, 1), "lr": scheduler.get_last_lr()[0],
+                   "train_images": int(n_seen), "train_img_per_s": n_seen / max(train_time, 1e-9),
+                   "epoch_time_s": time.perf_counter() - t0}
+        metrics.update({f"train_count_{g}": int(seen[g]) for g in range(NUM_CLASSES)})
+        if val is not None:
+            metrics["val_loss"] = val_loss_sum / max(int(cm.sum()), 1)
+            metrics.update(flat_metrics("val", val))
+            metrics["val_confusion_matrix"] = val["confusion_matrix"]
+        qwk = metrics.get("val_qwk", -metrics["train_loss"])
+        if qwk > best_qwk + 1e-6:
+            best_qwk, bad_epochs = qwk, 0
+        else:
+            bad_epochs += 1
+        metrics["best_val_qwk"] = best_qwk
+        history.append({k: v for k, v in metrics.items() if k != "val_confusion_matrix"})
+        if session.rank == 0:
+            dist = ", ".join(f"KL{g}={int(seen[g])}" for g in range(NUM_CLASSES))
+            print(f"[koa] epoch {epoch}: train_loss={metrics['train_loss']:.4f} "
+                  f"val_qwk={metrics.get('val_qwk', float('nan')):.4f} val_acc={metrics.get('val_accuracy', float('nan')):.4f} "
+                  f"{metrics['train_img_per_s']:.1f} img/s; effective class distribution: {dist}", flush=True)
+
+        stop = cfg.patience > 0 and bad_epochs >= cfg.patience
+        with tempfile.TemporaryDirectory(prefix="koa-ckpt-") as tmp:
+            ckpt_dir = None
+            if session.rank == 0:
+                import json
+
+                ckpt_dir = Path(tmp)
+                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+                         "best_qwk": best_qwk, "bad_epochs": bad_epochs, "history_json": json.dumps(history)}
+                save_checkpoint(ckpt_dir, model, checkpoint_meta(cfg, model_cfg, data, epoch,
+                                                                 {**metrics, "val": val}, history), state)
+            session.report(metrics, ckpt_dir)
+        if stop:
+            if session.rank == 0:
+                print(f"[koa] early stopping at epoch {epoch}: val_qwk has not improved for {bad_epochs} epochs",
+                      flush=True)
+            break
+
+
+def batched(arrays: tuple[np.ndarray, ...], batch_size: int) -> Iterator[tuple[np.ndarray, ...]]:
+    n = len(arrays[0])
+    for i in range(0, n, batch_size):
+        yield tuple(a[i:i + batch_size] for a in arrays)
+
+
+def cleanup(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,98 @@
+"""Pieces shared by the Ray Train driver and local mode: data facts, run-directory artefacts."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from koa_ray.config import TrainConfig, save_yaml
+from koa_ray.data.balance import sampling_weights
+from koa_ray.data.prep import load_manifest
+from koa_ray.train.checkpoint import BEST_POINTER, META
+from koa_ray.train.loop import NUM_CLASSES, DataInfo
+
+
+def data_info(cfg: TrainConfig, manifest: dict | None = None) -> tuple[DataInfo, np.ndarray]:
+    """Facts about the prepared data and the per-grade re-sampling weights."""
+    manifest = manifest or load_manifest(cfg.data)
+    if "train" not in manifest["counts"]:
+        raise ValueError(f"{cfg.data}: prepared data has no 'train' split (splits: {manifest['splits']})")
+    counts = np.array([manifest["counts"]["train"].get(str(g), 0) for g in range(NUM_CLASSES)], np.int64)
+    weights = sampling_weights(counts, cfg.balance)
+    info = DataInfo(train_counts=tuple(int(c) for c in counts), n_train=int(counts.sum()), prep=manifest["prep"],
+                    epoch_samples=int(round(float((weights * counts).sum()))))
+    return info, weights
+
+
+def owns_row(path: str, knee: int, rank: int, world_size: int) -> bool:
+    """Deterministic, order-independent assignment of validation rows to workers."""
+    return (zlib.crc32(f"{path}#{knee}".encode()) % world_size) == rank
+
+
+def run_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.out).resolve() / cfg.name
+
+
+def write_run_artifacts(cfg: TrainConfig, directory: Path, checkpoints: list[str | Path]) -> dict:
+    """Write ``config.yaml``, ``metrics.csv``, ``curves.png`` and ``best.json`` (best checkpoint by val QWK).
+
+    Returns the ``best.json`` content.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, directory / "config.yaml")
+    metas = []
+    for c in checkpoints:
+        p = Path(c)
+        if (p / META).is_file():
+            metas.append((p, json.loads((p / META).read_text())))
+    if not metas:
+        raise RuntimeError(f"training finished without any checkpoint under {directory}")
+    latest = max(metas, key=lambda t: t[1]["epoch"])
+    history = pd.DataFrame(latest[1]["history"])
+    history.to_csv(directory / "metrics.csv", index=False)
+    plot_curves(history, directory / "curves.png")
+
+    def score(t):
+        m = t[1]["metrics"]
+        return (m.get("val_qwk", -m.get("train_loss", 0.0)), -t[1]["epoch"])
+
+    best_path, best_meta = max(metas, key=score)
+    try:
+        rel = best_path.resolve().relative_to(directory.resolve())
+        target = str(rel)
+    except ValueError:
+        target = str(best_path.resolve())
+    best = {"checkpoint": target, "epoch": best_meta["epoch"],
+            "val_qwk": best_meta["metrics"].get("val_qwk"), "val_accuracy": best_meta["metrics"].get("val_accuracy"),
+            "val_macro_f1": best_meta["metrics"].get("val_macro_f1"), "epochs_run": len(history)}
+    tmp = directory / (BEST_POINTER + ".tmp")
+    tmp.write_text(json.dumps(best, indent=2))
+    tmp.replace(directory / BEST_POINTER)
+    return best
+
+
+def plot_curves(history: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot(history["epoch"], history["train_loss"], "o-", label="train loss")
+    if "val_loss" in history:
+        axes[0].plot(history["epoch"], history["val_loss"], "o-", label="val loss (CE)")
+    axes[0].set_xlabel("epoch")
+    axes[0].legend()
+    for key in ("val_qwk", "val_accuracy", "val_macro_f1", "val_balanced_accuracy"):
+        if key in history:
+            axes[1].plot(history["epoch"], history[key], "o-", label=key)
+    axes[1].set_xlabel("epoch")
+    axes[1].set_ylim(-0.05, 1.0)
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

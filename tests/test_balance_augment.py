@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+
+from koa_ray.config import AugmentConfig, BalanceConfig
+from koa_ray.data.augment import EvalPreset, TrainPreset, build_train_transform
+from koa_ray.data.balance import Resample, epoch_indices, sampling_weights, target_distribution
+
+COUNTS = np.array([2286, 1046, 1516, 757, 173])
+
+
+def labels_from(counts):
+    return np.repeat(np.arange(5), counts)
+
+
+@pytest.mark.parametrize("target", ["uniform", "sqrt", [0.1, 0.2, 0.3, 0.2, 0.2]])
+def test_resampling_reaches_target_distribution(target):
+    cfg = BalanceConfig(target=target, strength=1.0)
+    want = target_distribution(COUNTS, cfg)
+    labels = labels_from(COUNTS)
+    w = sampling_weights(COUNTS, cfg)
+    rng = np.random.default_rng(0)
+    got = np.bincount(labels[epoch_indices(labels, w, rng)], minlength=5)
+    assert abs(got.sum() - COUNTS.sum()) < 0.02 * COUNTS.sum()  # epoch size preserved
+    np.testing.assert_allclose(got / got.sum(), want, atol=0.01)
+    # minority grade is over-sampled (repeats), majority under-sampled
+    if target == "uniform":
+        assert got[4] > COUNTS[4] * 5 and got[0] < COUNTS[0]
+
+
+def test_strength_interpolates_and_none_is_natural():
+    nat = COUNTS / COUNTS.sum()
+    np.testing.assert_allclose(target_distribution(COUNTS, BalanceConfig(target="none")), nat)
+    half = target_distribution(COUNTS, BalanceConfig(target="uniform", strength=0.5))
+    np.testing.assert_allclose(half, 0.5 * nat + 0.5 * 0.2)
+    w = sampling_weights(COUNTS, BalanceConfig(target="none"))
+    np.testing.assert_allclose(w, 1.0)
+
+
+def test_absent_grade_gets_nothing():
+    counts = np.array([10, 0, 5, 5, 1])
+    p = target_distribution(counts, BalanceConfig(target="uniform"))
+    assert p[1] == 0 and abs(p.sum() - 1) < 1e-9
+    assert sampling_weights(counts, BalanceConfig(target="uniform"))[1] == 0
+
+
+def test_resample_is_fresh_each_call_and_keeps_columns():
+    labels = labels_from([50, 10, 10, 10, 2])
+    batch = {"label": labels, "path": np.array([f"p{i}" for i in range(len(labels))])}
+    fn = Resample(sampling_weights(np.bincount(labels, minlength=5), BalanceConfig(target="uniform")))
+    a, b = fn(batch), fn(batch)
+    assert set(a) == {"label", "path"} and len(a["label"]) == len(a["path"])
+    assert not np.array_equal(a["path"], b["path"])  # re-drawn per epoch
+    # every emitted path keeps its own label
+    idx = np.array([int(p[1:]) for p in a["path"]])
+    assert np.array_equal(labels[idx], a["label"])
+
+
+def test_train_preset_is_random_class_aware_and_eval_is_deterministic():
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 255, (4, 80, 80), dtype=np.uint8)
+    batch = {"image": [i.tobytes() for i in imgs], "size": np.full(4, 80), "label": np.array([0, 1, 2, 4])}
+    tp = TrainPreset(AugmentConfig(grade_strength=[0.0, 1.0, 1.0, 1.0, 2.0]), image_size=64)
+    a, b = tp(batch), tp(batch)
+    assert a["image"].shape == (4, 1, 64, 64) and a["image"].dtype == np.float32
+    assert np.isfinite(a["image"]).all()
+    assert np.allclose(a["image"][0], b["image"][0])  # strength 0 for KL0: deterministic resize only
+    assert not np.allclose(a["image"][3], b["image"][3])  # KL4 augmented
+    ep = EvalPreset(64, in_chans=3)
+    e1, e2 = ep(batch), ep(batch)
+    assert e1["image"].shape == (4, 3, 64, 64) and np.array_equal(e1["image"], e2["image"])
+    assert np.array_equal(e1["image"][0, 0], a["image"][0, 0])  # eval == un-augmented train
+
+
+def test_transform_built_for_all_options():
+    t = build_train_transform(AugmentConfig(), strength=1.5)
+    out = t(image=np.full((64, 64), 128, np.uint8))["image"]
+    assert out.shape == (64, 64) and out.dtype == np.uint8

@@ -1,0 +1,123 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from koa_ray.data.decode import DecodeError, decode_bytes, read_image
+
+
+def ramp(h=64, w=80, dtype=np.uint8, maxval=255):
+    x = np.linspace(0, maxval, w, dtype=np.float64)[None, :].repeat(h, 0)
+    return x.astype(dtype)
+
+
+def write_dicom(path, arr, photometric="MONOCHROME2", window=None, rescale=None, pixel_data=True):
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    if rescale:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    if pixel_data:
+        ds.PixelData = arr.astype(np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+@pytest.mark.parametrize("fmt,mode", [("PNG", "L"), ("JPEG", "L"), ("BMP", "L"), ("TIFF", "L"), ("PNG", "RGB"),
+                                      ("PNG", "RGBA"), ("JPEG", "RGB")])
+def test_8bit_formats(tmp_path, fmt, mode):
+    arr = ramp()
+    img = Image.fromarray(arr).convert(mode)
+    path = tmp_path / f"x.{fmt.lower()}"
+    img.save(path, format=fmt)
+    out = read_image(path)
+    assert out.dtype == np.uint8 and out.shape == arr.shape
+    tol = 6 if fmt == "JPEG" else 1
+    assert np.abs(out.astype(int) - arr.astype(int)).max() <= tol
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_16bit_rescaled(tmp_path, fmt):
+    arr = ramp(dtype=np.uint16, maxval=4000)  # 12-bit data in 16-bit container
+    path = tmp_path / f"x16.{fmt.lower()}"
+    Image.fromarray(arr).save(path, format=fmt)
+    out = read_image(path)
+    assert out.dtype == np.uint8
+    assert out.min() == 0 and out.max() == 255  # full dynamic range used, not truncated to the low byte
+    assert np.all(np.diff(out[0].astype(int)) >= 0)  # monotone ramp preserved
+
+
+def test_dicom_monochrome1_16bit_inverted_with_window(tmp_path):
+    arr = ramp(dtype=np.uint16, maxval=4095)
+    p = tmp_path / "knee.dcm"
+    write_dicom(p, arr, photometric="MONOCHROME1", window=(2048, 4096))
+    out = read_image(p)
+    assert out.dtype == np.uint8 and out.shape == arr.shape
+    # MONOCHROME1: high stored values are dark → after inversion the ramp must decrease left to right
+    assert out[0, 0] > 200 and out[0, -1] < 50
+    mono2 = tmp_path / "knee2.dcm"
+    write_dicom(mono2, arr, photometric="MONOCHROME2")
+    out2 = read_image(mono2)
+    assert out2[0, 0] < 50 and out2[0, -1] > 200
+
+
+def test_dicom_window_narrows_range(tmp_path):
+    arr = ramp(dtype=np.uint16, maxval=4095)
+    p = tmp_path / "w.dcm"
+    write_dicom(p, arr, window=(1000, 200))  # narrow window: most pixels saturate
+    out = read_image(p)
+    assert (out == 255).mean() > 0.6 and (out == 0).mean() > 0.15
+
+
+def test_dicom_without_extension_detected_by_magic(tmp_path):
+    p = tmp_path / "IM0001"
+    write_dicom(p, ramp(dtype=np.uint16, maxval=1000))
+    assert read_image(p).shape == (64, 80)
+
+
+def test_bad_inputs_have_reasons(tmp_path):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image at all")
+    good = tmp_path / "good.png"
+    Image.fromarray(ramp()).save(good)
+    truncated = tmp_path / "trunc.png"
+    truncated.write_bytes(good.read_bytes()[:60])
+    small = tmp_path / "small.png"
+    Image.fromarray(ramp(16, 16)).save(small)
+    nopix = tmp_path / "nopix.dcm"
+    write_dicom(nopix, ramp(dtype=np.uint16), pixel_data=False)
+    expected = {empty: "empty", text: "not an image", truncated: "truncated", small: "too small",
+                nopix: "unsupported DICOM", tmp_path / "missing.png": "unreadable path"}
+    for path, reason in expected.items():
+        with pytest.raises(DecodeError) as e:
+            read_image(path)
+        assert reason in e.value.reason, (path, e.value.reason)
+        assert str(path) in str(e.value)
+
+
+def test_decode_bytes_min_side():
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(ramp(40, 40)).save(buf, format="PNG")
+    assert decode_bytes(buf.getvalue(), min_side=32).shape == (40, 40)
+    with pytest.raises(DecodeError):
+        decode_bytes(buf.getvalue(), min_side=48)
