@@ -17,7 +17,7 @@ def cmd_synth(a) -> int:
     from koa_ray.data.synthetic import make_dataset
 
     summary = make_dataset(a.out, a.n, layout=a.layout, size=a.size, seed=a.seed)
-    _print_json(summary)
+    _print_json({k: v for k, v in summary.items() if not isinstance(v, list)})
     return 0
 
 
@@ -94,6 +94,35 @@ def cmd_train(a) -> int:
     return 0
 
 
+def cmd_evaluate(a) -> int:
+    from koa_ray.evaluate import evaluate
+
+    m = evaluate(a.checkpoint, a.data, a.out, split=a.split, tta=a.tta, batch_size=a.batch_size,
+                 concurrency=a.concurrency, address=a.address, gradcam_per_grade=a.gradcam_examples)
+    print(f"{a.split}: n={m['n']} accuracy={m['accuracy']:.4f} balanced_accuracy={m['balanced_accuracy']:.4f} "
+          f"macro_f1={m['macro_f1']:.4f} qwk={m['qwk']:.4f} mae={m['mae']:.4f}")
+    print(f"report: {Path(a.out) / 'report.html'} (metrics.json, per_class.csv, confusion_matrix.png)")
+    return 0
+
+
+def cmd_score(a) -> int:
+    from koa_ray.score import score
+
+    summary = score(a.input, a.checkpoint, a.out, batch_size=a.batch_size, concurrency=a.concurrency,
+                    resume=a.resume, tta=a.tta, address=a.address)
+    _print_json(summary)
+    return 0
+
+
+def cmd_gradcam(a) -> int:
+    from koa_ray.explain.gradcam import run_gradcam
+
+    summary = run_gradcam(a.input, a.checkpoint, a.out, method=a.method, target=a.target, layer=a.layer,
+                          save_npy=a.npy, batch_size=a.batch_size, concurrency=a.concurrency, address=a.address)
+    _print_json(summary)
+    return 0
+
+
 def cmd_demo(a) -> int:
     from koa_ray.demo import run_demo
 
@@ -114,6 +143,13 @@ def _add_roi(p) -> None:
     g = p.add_argument_group("knee ROI")
     g.add_argument("--roi-margin", type=float, default=None, help="box margin around the joint width")
     g.add_argument("--no-mirror", action="store_true", help="do not mirror left knees to the right-knee orientation")
+
+
+def _add_actor_pool(p, batch: int = 32) -> None:
+    g = p.add_argument_group("Ray Data actor pool")
+    g.add_argument("--batch-size", type=int, default=batch)
+    g.add_argument("--concurrency", type=int, default=1, help="number of model actors")
+    g.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,6 +207,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--local", action="store_true", help="one process, one GPU if present else CPU, no Ray")
     s.add_argument("--loader-workers", type=int, default=0, help="local mode: DataLoader worker processes")
     s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("evaluate", help="metrics, confusion matrix and HTML report on a labelled split")
+    s.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory (its best)")
+    s.add_argument("--data", required=True, help="prepared dataset or raw labelled folder/manifest")
+    s.add_argument("--split", default="test")
+    s.add_argument("--out", required=True)
+    s.add_argument("--tta", action="store_true", help="average predictions over horizontal flips")
+    s.add_argument("--gradcam-examples", type=int, default=3, help="Grad-CAM examples per grade in the report")
+    _add_actor_pool(s)
+    s.set_defaults(fn=cmd_evaluate)
+
+    s = sub.add_parser("score", help="batch-score image folders/globs/manifests into CSV or Parquet")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--input", required=True, nargs="+", help="folders (recursive), globs, manifests, files")
+    s.add_argument("--out", required=True, help="results.csv or results.parquet")
+    s.add_argument("--resume", action="store_true", help="skip paths already in the output")
+    s.add_argument("--tta", action="store_true")
+    _add_actor_pool(s)
+    s.set_defaults(fn=cmd_score)
+
+    s = sub.add_parser("gradcam", help="batch Grad-CAM overlays with an index.html contact sheet")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--input", required=True, nargs="+")
+    s.add_argument("--out", required=True)
+    s.add_argument("--method", default="gradcam", choices=["gradcam", "gradcam++", "eigencam", "layercam"])
+    s.add_argument("--target", default="predicted", help="predicted, or a grade 0-4 to explain")
+    s.add_argument("--layer", default=None, help="dotted module name (default: features.attention4)")
+    s.add_argument("--npy", action="store_true", help="also save the raw maps as .npy")
+    _add_actor_pool(s, batch=16)
+    s.set_defaults(fn=cmd_gradcam)
 
     s = sub.add_parser("demo", help="synthetic data -> prepare -> 2-worker Ray Train -> evaluate, end to end")
     s.add_argument("--out", default="demo_out")

@@ -61,7 +61,7 @@ def predict_split(checkpoint: str, data: str | Path, split: str, tta: bool, batc
     import ray
 
     from koa_ray.data.ingest import discover
-    from koa_ray.runtime import cluster_gpus, init_ray
+    from koa_ray.runtime import cluster_gpus, frame_blocks, init_ray
     from koa_ray.train.checkpoint import resolve_checkpoint
 
     data = Path(data)
@@ -77,8 +77,7 @@ def predict_split(checkpoint: str, data: str | Path, split: str, tta: bool, batc
         rows = rows[rows["split"] == split]
         if rows.empty:
             raise ValueError(f"{data} has no labelled images in split {split!r}")
-        ds = ray.data.from_pandas([c for c in np.array_split(rows[["path", "label"]], max(1, len(rows) // 64))
-                                   if len(c)])
+        ds = ray.data.from_pandas(frame_blocks(rows[["path", "label"]], batch_size))
     ds = ds.map_batches(EvalActor, fn_constructor_kwargs={"checkpoint": ckpt, "tta": tta, "use_gpu": gpu},
                         batch_size=batch_size, batch_format="pandas", concurrency=concurrency,
                         num_gpus=1 if gpu else 0, num_cpus=0.5 if not gpu else 1)

@@ -41,3 +41,11 @@ def cluster_gpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def frame_blocks(df, max_rows: int = 64, max_blocks: int = 200) -> list:
+    """Cut a DataFrame into contiguous chunks for ``ray.data.from_pandas`` (one block each, so work spreads)."""
+    n = len(df)
+    k = max(1, min(max_blocks, -(-n // max_rows)))
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [df.iloc[a:b].reset_index(drop=True) for a, b in zip(bounds, bounds[1:]) if b > a]

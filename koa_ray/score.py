@@ -107,7 +107,7 @@ def score(inputs: list[str], checkpoint: str, out: str | Path, *, batch_size: in
     import ray
 
     from koa_ray.data.ingest import expand_inputs
-    from koa_ray.runtime import cluster_gpus, init_ray
+    from koa_ray.runtime import cluster_gpus, frame_blocks, init_ray
     from koa_ray.train.checkpoint import resolve_checkpoint
 
     out = Path(out)
@@ -129,9 +129,7 @@ def score(inputs: list[str], checkpoint: str, out: str | Path, *, batch_size: in
     if todo:
         init_ray(address)
         gpu = bool(cluster_gpus() > 0) if use_gpu is None else use_gpu
-        n_blocks = max(1, min(len(todo) // batch_size + 1, 200))
-        chunks = [pd.DataFrame({"path": c}) for c in np.array_split(np.array(todo, dtype=object), n_blocks) if len(c)]
-        ds = ray.data.from_pandas(chunks).map_batches(
+        ds = ray.data.from_pandas(frame_blocks(pd.DataFrame({"path": todo}), batch_size)).map_batches(
             ScoreActor, fn_constructor_kwargs={"checkpoint": ckpt, "use_gpu": gpu, "tta": tta},
             batch_size=batch_size, batch_format="pandas", concurrency=concurrency, num_gpus=1 if gpu else 0,
             num_cpus=0.5 if not gpu else 1)

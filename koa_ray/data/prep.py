@@ -195,21 +195,24 @@ def _prepare_local(inputs: pd.DataFrame, staging: Path, cfg: PrepConfig, progres
     return table.drop(columns=["image"])
 
 
+def _select_split(batch: pd.DataFrame, split: str) -> pd.DataFrame:
+    keep = (batch["status"] == "ok") & (batch["split"] == split)
+    return batch.loc[keep].drop(columns=["status", "error"])
+
+
 def _prepare_ray(inputs: pd.DataFrame, staging: Path, cfg: PrepConfig, address, num_cpus, batch_size,
                  progress: bool) -> pd.DataFrame:
     import ray
 
-    from koa_ray.runtime import cluster_cpus, init_ray
+    from koa_ray.runtime import frame_blocks, init_ray
 
     init_ray(address, num_cpus=num_cpus)
     ray.data.DataContext.get_current().enable_progress_bars = progress
-    n_blocks = max(1, min(len(inputs) // batch_size + 1, int(cluster_cpus()) * 8))
-    chunks = [c for c in np.array_split(inputs, n_blocks) if len(c)]
-    ds = ray.data.from_pandas(chunks)
+    ds = ray.data.from_pandas(frame_blocks(inputs, max_rows=batch_size))
     ds = ds.map_batches(process_batch, fn_kwargs={"cfg": cfg}, batch_format="pandas", batch_size=batch_size)
     ds = ds.materialize()
     meta = ds.drop_columns(["image"]).to_pandas()
     for split in sorted(meta.loc[meta["status"] == "ok", "split"].unique()):
-        part = ds.filter(lambda r, s=split: r["status"] == "ok" and r["split"] == s)
-        part.drop_columns(["status", "error"]).write_parquet(str(staging / split))
+        part = ds.map_batches(_select_split, fn_kwargs={"split": split}, batch_format="pandas")
+        part.write_parquet(str(staging / split))
     return meta

@@ -191,7 +191,7 @@ def run_gradcam(inputs: list[str], checkpoint: str, out: str | Path, *, method: 
     import ray
 
     from koa_ray.data.ingest import expand_inputs
-    from koa_ray.runtime import cluster_gpus, init_ray
+    from koa_ray.runtime import cluster_gpus, frame_blocks, init_ray
     from koa_ray.train.checkpoint import resolve_checkpoint
 
     _cam_class(method)
@@ -202,9 +202,7 @@ def run_gradcam(inputs: list[str], checkpoint: str, out: str | Path, *, method: 
     files = expand_inputs(inputs)
     init_ray(address)
     gpu = bool(cluster_gpus() > 0) if use_gpu is None else use_gpu
-    n_blocks = max(1, min(len(files) // batch_size + 1, 200))
-    chunks = [pd.DataFrame({"path": c}) for c in np.array_split(np.array(files, dtype=object), n_blocks) if len(c)]
-    ds = ray.data.from_pandas(chunks).map_batches(
+    ds = ray.data.from_pandas(frame_blocks(pd.DataFrame({"path": files}), batch_size)).map_batches(
         GradCamActor, fn_constructor_kwargs={"checkpoint": ckpt, "out_dir": str(out.resolve()), "method": method,
                                              "target": target, "layer": layer, "save_npy": save_npy,
                                              "use_gpu": gpu},
