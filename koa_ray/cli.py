@@ -126,7 +126,7 @@ def cmd_gradcam(a) -> int:
 def cmd_demo(a) -> int:
     from koa_ray.demo import run_demo
 
-    run_demo(a.out, n=a.n, epochs=a.epochs, workers=a.workers, image_size=a.image_size)
+    run_demo(a.out, n=a.n, epochs=a.epochs, workers=a.workers, image_size=a.image_size, arch=a.arch)
     return 0
 
 
@@ -244,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int, default=6)
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--arch", default="densenet_tiny", help="densenet_tiny (CPU demo) or densenet121")
     s.set_defaults(fn=cmd_demo)
     return p
 

@@ -15,7 +15,7 @@ from koa_ray.config import TrainConfig, from_dict, to_dict
 from koa_ray.data.augment import EvalPreset, TrainPreset
 from koa_ray.data.balance import Resample
 from koa_ray.train.loop import DataInfo, train_loop
-from koa_ray.train.run import data_info, owns_row, run_dir, write_run_artifacts
+from koa_ray.train.run import data_info, owns_row, write_run_artifacts
 
 
 class RayTrainSession:
@@ -86,6 +86,9 @@ class RayTrainSession:
 
 def train_worker(config: dict) -> None:
     """``train_loop_per_worker``: rebuild the typed config, then run the shared loop."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = from_dict(TrainConfig, config["cfg"])
     torch.set_num_threads(max(1, int(config.get("torch_threads", 1))))
     train_loop(cfg, DataInfo(**config["data"]), RayTrainSession(cfg))
@@ -145,42 +148,59 @@ def check_shared_storage(storage_path: str) -> None:
             "/mnt/cluster_storage on KubeRay)")
 
 
-def fit(cfg: TrainConfig, scaling_resources: dict | None = None) -> dict:
-    """Train with Ray Train on a local or existing cluster; returns the run's ``best.json`` plus paths."""
-    import ray.train
+def build_trainer(cfg: TrainConfig, *, storage_path: str | None = None, callbacks: list | None = None,
+                  scaling_resources: dict | None = None):
+    """The ``TorchTrainer`` for ``cfg`` (Ray must be initialised). Used by :func:`fit` and by Tune trials.
+
+    The run is named ``cfg.name`` under ``storage_path`` (default ``cfg.storage_path`` or ``cfg.out``); re-using a
+    name resumes that run from its latest checkpoint.
+    """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from koa_ray.runtime import init_ray
-
     cfg = cfg.validate()
     info, weights = data_info(cfg)
-    init_ray(cfg.address)
-    storage = cfg.storage_path or str(Path(cfg.out).resolve())
-    check_shared_storage(storage)
+    storage = storage_path or cfg.storage_path or str(Path(cfg.out).resolve())
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.gpu else {}), **(scaling_resources or {})}
-    trainer = TorchTrainer(
+    score_attr = "val_qwk" if _has_val(cfg) else "best_val_qwk"
+    return TorchTrainer(
         train_loop_per_worker=train_worker,
         train_loop_config={"cfg": to_dict(cfg), "data": asdict(info),
                            "torch_threads": max(1, int(cfg.cpus_per_worker))},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=cfg.name, storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_best, checkpoint_score_attribute="val_qwk"
-                                               if _has_val(cfg) else "best_val_qwk", checkpoint_score_order="max"),
+            name=cfg.name, storage_path=storage, callbacks=list(callbacks or []),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_best, checkpoint_score_attribute=score_attr,
+                                               checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.max_failures)),
         datasets=build_datasets(cfg, weights),
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
-    if result.error:
-        raise RuntimeError(f"training run {cfg.name} failed: {result.error}") from result.error
+
+
+def result_checkpoints(result) -> list[str]:
+    """Paths of the kept checkpoints of a finished ``Result`` (best N plus the latest)."""
     ckpts = [c.path for c, _ in (result.best_checkpoints or [])]
     if result.checkpoint is not None and result.checkpoint.path not in ckpts:
         ckpts.append(result.checkpoint.path)
+    return ckpts
+
+
+def fit(cfg: TrainConfig, scaling_resources: dict | None = None) -> dict:
+    """Train with Ray Train on a local or existing cluster; returns the run's ``best.json`` plus ``run_dir``."""
+    from koa_ray.runtime import init_ray
+
+    cfg = cfg.validate()
+    init_ray(cfg.address)
+    storage = cfg.storage_path or str(Path(cfg.out).resolve())
+    check_shared_storage(storage)
+    result = build_trainer(cfg, storage_path=storage, scaling_resources=scaling_resources).fit()
+    if result.error:
+        raise RuntimeError(f"training run {cfg.name} failed: {result.error}") from result.error
+    ckpts = result_checkpoints(result)
     if "://" in storage:
-        return {"run_dir": str(storage), "checkpoints": ckpts}
-    directory = run_dir(cfg) if not cfg.storage_path else Path(storage) / cfg.name
+        return {"run_dir": f"{storage.rstrip('/')}/{cfg.name}", "checkpoints": ckpts}
+    directory = Path(storage) / cfg.name
     best = write_run_artifacts(cfg, directory, ckpts)
     return {**best, "run_dir": str(directory)}
 

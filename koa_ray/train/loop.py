@@ -102,10 +102,10 @@ def evaluate_batches(model: torch.nn.Module, batches: Iterable[tuple[np.ndarray,
     cm = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
     loss_sum, n = 0.0, 0
     for x, y in batches:
-        xt = torch.as_tensor(x, device=device)
+        xt = torch.as_tensor(np.array(x, np.float32), device=device)
         if channels_last:
             xt = xt.contiguous(memory_format=torch.channels_last)
-        yt = torch.as_tensor(y, device=device, dtype=torch.long)
+        yt = torch.as_tensor(np.array(y, np.int64), device=device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = model(xt)
         loss_sum += float(loss_fn(logits.float(), yt)) * len(y)
