@@ -1,0 +1,141 @@
+"""Evaluate, batch scoring and batch Grad-CAM on a real (tiny) checkpoint."""
+
+import json
+import shutil
+import tracemalloc
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from koa_ray.score import SCORE_COLUMNS, score
+
+
+@pytest.fixture(scope="module")
+def score_inputs(synth_dir, tmp_path_factory):
+    """Single-knee crops, two bilateral radiographs, and corrupt files, in nested folders."""
+    from koa_ray.data.synthetic import make_dataset
+
+    root = tmp_path_factory.mktemp("score_in")
+    files = sorted((synth_dir / "val").rglob("*.png"))[:10]
+    for i, f in enumerate(files):
+        dest = root / ("a" if i % 2 else "b/c") / f.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, dest)
+    make_dataset(root / "bi", 2, layout="bilateral", seed=5)
+    (root / "bi" / "boxes.csv").unlink()  # a sidecar, not an input
+    (root / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (root / "a" / "empty.png").write_bytes(b"")
+    return root, len(files)
+
+
+def test_score_one_row_per_input_and_knee(ray_session, tiny_run, score_inputs, tmp_path):
+    run, _ = tiny_run
+    root, n_single = score_inputs
+    out = tmp_path / "results.csv"
+    summary = score([str(root)], str(run), out, batch_size=4)
+    df = pd.read_csv(out, keep_default_na=False, na_values=[""])
+    assert list(df.columns) == SCORE_COLUMNS
+    n_inputs = n_single + 2 + 2
+    assert summary["n_inputs"] == n_inputs and df["path"].nunique() == n_inputs
+    err = df[df.status == "error"]
+    assert sorted(err["path"].str.split("/").str[-1]) == ["broken.jpg", "empty.png"]
+    assert (err["error"].str.len() > 0).all()
+    ok = df[df.status == "ok"]
+    single = ok[~ok["path"].str.contains("/bi/")]
+    assert single.groupby("path").size().eq(1).all() and len(single) == n_single
+    bilateral = ok[ok["path"].str.contains("/bi/")]
+    assert bilateral.groupby("path")["side"].apply(lambda s: "".join(sorted(s))).tolist() == ["LR", "LR"]
+    p = ok[[f"p{k}" for k in range(5)]].to_numpy()
+    np.testing.assert_allclose(p.sum(1), 1, atol=1e-5)
+    assert (ok["grade"].to_numpy() == p.argmax(1)).all()
+    np.testing.assert_allclose(ok["expected_grade"], p @ np.arange(5), atol=1e-6)
+    assert (ok["x1"] > ok["x0"]).all() and (ok["model"] == "tiny/" + json.load(open(run / "best.json"))["checkpoint"]).all()
+    assert not (tmp_path / ".results.csv.parts").exists()
+
+
+def test_score_resume_after_interruption(ray_session, tiny_run, score_inputs, tmp_path):
+    run, _ = tiny_run
+    root, _ = score_inputs
+    full = tmp_path / "full.parquet"
+    score([str(root)], str(run), full, batch_size=4)
+    part = tmp_path / "part.parquet"
+    interrupted = score([str(root)], str(run), part, batch_size=4, max_files=5, flush_rows=1)
+    assert interrupted["interrupted"] and not part.exists()  # nothing that looks complete
+    resumed = score([str(root)], str(run), part, batch_size=4, resume=True)
+    assert resumed["n_new_files"] == resumed["n_inputs"] - 5  # finished files were not re-scored
+    a = pd.read_parquet(full).drop(columns=["model"])
+    b = pd.read_parquet(part).drop(columns=["model"])
+    pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-5)
+    again = score([str(root)], str(run), part, batch_size=4, resume=True)
+    assert again["n_new_files"] == 0 and again["n_rows"] == len(b)
+
+
+def test_gradcam_maps_and_hooks_released(tiny_run):
+    from koa_ray.explain.gradcam import cam_extractor, compute_cams, target_layer
+    from koa_ray.train.checkpoint import load_checkpoint
+
+    run, _ = tiny_run
+    model, _ = load_checkpoint(run)
+    layer = target_layer(model)
+    x = torch.randn(3, 1, 64, 64)
+    for method in ("gradcam", "gradcam++", "eigencam", "layercam"):
+        maps = compute_cams(model, x, [0, 2, 4], method)
+        assert maps.shape == (3, 64, 64) and np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1 + 1e-6
+    assert not layer._forward_hooks and not layer._backward_hooks
+    with pytest.raises(RuntimeError):
+        with cam_extractor(model) as cam:
+            assert layer._forward_hooks
+            raise RuntimeError("boom")
+    assert not layer._forward_hooks  # released on error too
+    # memory must not grow across many batches
+    tracemalloc.start()
+    for i in range(40):
+        compute_cams(model, x, [1, 1, 1])
+        if i == 9:
+            base = tracemalloc.get_traced_memory()[0]
+    grown = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    assert grown < 2_000_000, grown
+    assert not layer._forward_hooks
+
+
+def test_gradcam_job_writes_overlays_and_index(ray_session, tiny_run, score_inputs, tmp_path):
+    from koa_ray.explain.gradcam import run_gradcam
+
+    run, _ = tiny_run
+    root, n_single = score_inputs
+    summary = run_gradcam([str(root)], str(run), tmp_path / "cam", method="gradcam++", target="2", save_npy=True,
+                          batch_size=4)
+    assert summary["n_overlays"] == n_single + 4 and summary["n_errors"] == 2
+    idx = pd.read_csv(tmp_path / "cam" / "index.csv", keep_default_na=False)
+    ok = idx[idx.status == "ok"]
+    assert (ok["target"] == 2).all()
+    for r in ok.itertuples():
+        assert (tmp_path / "cam" / r.overlay).is_file()
+        cam = np.load(tmp_path / "cam" / r.npy)
+        assert cam.shape == (64, 64) and np.isfinite(cam).all()
+    html = (tmp_path / "cam" / "index.html").read_text()
+    assert "Predicted KL" in html and "broken.jpg" in html
+
+
+def test_evaluate_prepared_and_raw(ray_session, tiny_run, prepared, synth_dir, tmp_path):
+    from koa_ray.evaluate import evaluate
+
+    run, _ = tiny_run
+    m = evaluate(str(run), prepared, tmp_path / "ev", split="test", gradcam_per_grade=1)
+    saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert list(saved) == ["n", "accuracy", "balanced_accuracy", "macro_precision", "macro_recall", "macro_f1", "qwk",
+                           "mae", "per_class", "confusion_matrix"]
+    assert saved == json.loads(json.dumps(m))
+    assert set(saved["per_class"]["0"]) == {"precision", "recall", "f1", "support"}
+    for f in ("confusion_matrix.png", "per_class.csv", "report.html", "predictions.csv"):
+        assert (tmp_path / "ev" / f).is_file()
+    assert "data:image/png;base64" in (tmp_path / "ev" / "report.html").read_text()
+    # raw labelled folder with the checkpoint's own preprocessing gives the same predictions
+    raw = evaluate(str(run), synth_dir, tmp_path / "ev_raw", split="test", gradcam_per_grade=0)
+    assert raw["n"] == m["n"]
+    assert raw["confusion_matrix"] == m["confusion_matrix"]
+    tta = evaluate(str(run), prepared, tmp_path / "ev_tta", split="test", tta=True, gradcam_per_grade=0)
+    assert tta["n"] == m["n"]
