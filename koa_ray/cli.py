@@ -123,6 +123,21 @@ def cmd_gradcam(a) -> int:
     return 0
 
 
+def cmd_tune(a) -> int:
+    from koa_ray.tune import run_sweep
+
+    if not a.resume and not a.data:
+        raise ValueError("--data is required (unless --resume)")
+    summary = run_sweep(
+        data=a.data, out=a.out, num_samples=a.num_samples, max_epochs=a.max_epochs, search=a.search,
+        scheduler=a.scheduler, workers_per_trial=a.workers_per_trial, gpus_per_trial=a.gpus_per_trial,
+        cpus_per_worker=a.cpus_per_worker, space=a.space, image_size=a.image_size, config=a.config,
+        resume=a.resume, name=a.name, sets=a.set, seed=a.seed, address=a.address,
+        max_concurrent_trials=a.max_concurrent_trials, verbose=a.verbose)
+    _print_json(summary)
+    return 0
+
+
 def cmd_demo(a) -> int:
     from koa_ray.demo import run_demo
 
@@ -237,6 +252,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--npy", action="store_true", help="also save the raw maps as .npy")
     _add_actor_pool(s, batch=16)
     s.set_defaults(fn=cmd_gradcam)
+
+    s = sub.add_parser("tune", help="Ray Tune sweep of augmentation/loss/optimiser settings, ASHA early stopping")
+    s.add_argument("--data", help="prepared dataset with a val split (output of koa prepare)")
+    s.add_argument("--out", required=True, help="sweep folder: results.csv, best_config.yaml, best.json, ...")
+    s.add_argument("--num-samples", type=int, default=10, help="number of trials")
+    s.add_argument("--max-epochs", type=int, default=10, help="epochs per trial (ASHA max_t)")
+    s.add_argument("--search", choices=["random", "optuna"], default="random")
+    s.add_argument("--scheduler", choices=["asha", "none"], default="asha")
+    s.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (default: config workers)")
+    s.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, split over its workers (0 = CPU)")
+    s.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per Train worker")
+    s.add_argument("--space", help="search space YAML (mode: extend|replace, params: {dotted.key: spec})")
+    s.add_argument("--image-size", type=int)
+    s.add_argument("--config", help="base TrainConfig YAML")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="base config override")
+    s.add_argument("--name", default="sweep", help="Tune experiment name (folder under --out)")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out")
+    s.add_argument("--seed", type=int, default=0, help="seed of the search algorithm")
+    s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
+    s.add_argument("--max-concurrent-trials", type=int, help="default: as many as leave 1 CPU to Ray Data")
+    s.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2, 3])
+    s.set_defaults(fn=cmd_tune)
 
     s = sub.add_parser("demo", help="synthetic data -> prepare -> 2-worker Ray Train -> evaluate, end to end")
     s.add_argument("--out", default="demo_out")

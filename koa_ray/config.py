@@ -140,6 +140,9 @@ class OptimConfig:
             raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs; saved resolved beside every checkpoint."""
@@ -155,6 +158,7 @@ class TrainConfig:
     workers: int = 2
     gpu: bool = False
     cpus_per_worker: float = 0.5
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (Train workers across nodes)
     address: str | None = None
     storage_path: str | None = None
     seed: int = 0
@@ -179,6 +183,8 @@ class TrainConfig:
             ("eval_batch_size", self.eval_batch_size >= 1, "must be >= 1"),
             ("workers", self.workers >= 1, "must be >= 1"),
             ("cpus_per_worker", 0 < self.cpus_per_worker <= 64, "must be in (0, 64]"),
+            ("placement_strategy", self.placement_strategy in PLACEMENT_STRATEGIES,
+             f"supported: {', '.join(PLACEMENT_STRATEGIES)}"),
             ("patience", self.patience >= 0, "must be >= 0 (0 disables early stopping)"),
             ("keep_best", self.keep_best >= 1, "must be >= 1"),
             ("max_failures", self.max_failures >= -1, "must be >= -1"),

@@ -91,7 +91,10 @@ def train_worker(config: dict) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = from_dict(TrainConfig, config["cfg"])
     torch.set_num_threads(max(1, int(config.get("torch_threads", 1))))
-    train_loop(cfg, DataInfo(**config["data"]), RayTrainSession(cfg))
+    session = RayTrainSession(cfg)
+    print(f"[koa] worker {session.rank}/{session.world_size} on node {ray.get_runtime_context().get_node_id()} "
+          f"({session.device})", flush=True)
+    train_loop(cfg, DataInfo(**config["data"]), session)
 
 
 def build_datasets(cfg: TrainConfig, weights: np.ndarray) -> dict:
@@ -167,7 +170,8 @@ def build_trainer(cfg: TrainConfig, *, storage_path: str | None = None, callback
         train_loop_per_worker=train_worker,
         train_loop_config={"cfg": to_dict(cfg), "data": asdict(info),
                            "torch_threads": max(1, int(cfg.cpus_per_worker))},
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker=resources,
+                                     placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(
             name=cfg.name, storage_path=storage, callbacks=list(callbacks or []),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_best, checkpoint_score_attribute=score_attr,
