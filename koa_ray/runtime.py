@@ -28,7 +28,29 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
         return
     if object_store_mb:
         kwargs["object_store_memory"] = int(object_store_mb) * 1024 * 1024
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+    # The dashboard (bound to 127.0.0.1, never public) serves the State API that Ray Train's placement-group cleaner
+    # polls. That client finds its cluster through RAY_API_SERVER_ADDRESS, else by scanning the machine for Ray
+    # instances, and with two instances on one machine it can ask the wrong one, conclude the Train controller is
+    # dead and remove a live run's placement group. Pinning the address in the environment the raylet (and so
+    # every worker and actor of this instance) inherits keeps each instance talking to its own dashboard.
+    port = dashboard_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, _node_ip_address="127.0.0.1", **kwargs)
+
+
+def dashboard_port(preferred: int = 8265) -> int:
+    """``preferred`` (Ray's usual dashboard port) when it is free on 127.0.0.1, else any free port."""
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free TCP port on 127.0.0.1 for the Ray dashboard")
 
 
 def cluster_cpus() -> float:

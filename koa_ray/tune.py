@@ -371,8 +371,8 @@ class TrainPlacementGroupReaper:
 
     When ASHA stops a trial, Tune kills the trial's driver actor; the Train controller it owns dies with it, before
     it can remove its workers' placement group. Ray Train's own ``PlacementGroupCleaner`` needs the State API
-    (dashboard), which a local ``init_ray`` does not start, so the group (and its CPUs) would stay reserved and the
-    next trial would wait forever. One reaper actor per job (named :data:`REAPER_NAME`, 0 CPUs) watches every trial's
+    (dashboard): ``init_ray`` starts it locally, but a cluster started with ``--include-dashboard=false`` has none,
+    and then the group (and its CPUs) would stay reserved and the next trial would wait forever. One reaper actor per job (named :data:`REAPER_NAME`, 0 CPUs) watches every trial's
     group, checking controller liveness with a plain actor call.
     """
 

@@ -526,14 +526,23 @@ def test_token_auth_on_local_head():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_two_node_cluster_and_isolated_teardown():
+@pytest.mark.timeout(600)
+def test_two_node_cluster_jobs_and_isolated_teardown(prepared, synth_dir, tmp_path):
+    """2-node `ray start` cluster (token auth): `ray job submit -- python jobs/train.py` with one Train worker per
+    node (STRICT_SPREAD) and checkpoints in a folder both nodes see, then `jobs/score.py` with the best checkpoint;
+    teardown leaves another Ray instance on the machine alone."""
     t0 = time.monotonic()
+    shared = tmp_path / "cluster_storage"
+    train = (f"python jobs/train.py --data {prepared} --out {tmp_path / 'runs'} --storage-path {shared} "
+             "--name two-node --workers 2 --epochs 1 --arch densenet_tiny --image-size 64 --batch-size 32 "
+             "--set placement_strategy=STRICT_SPREAD --set cpus_per_worker=0.5 --set patience=0")
+    score = (f"python jobs/score.py --checkpoint {shared / 'two-node'} --input {synth_dir / 'test'} "
+             f"--out {shared / 'scores.csv'} --concurrency 2 --batch-size 16")
     # A bystander cluster (another Ray instance on this machine; no dashboard to keep it light)
     # must survive our teardown.
     with local_ray_cluster(num_nodes=1, token=False, include_dashboard=False) as bystander:
         t_bystander = time.monotonic() - t0
-        with local_ray_cluster(num_nodes=2, num_cpus_per_node=1,
+        with local_ray_cluster(num_nodes=2, num_cpus_per_node=2,
                                resources_per_node=[{"node_a": 1}, {"node_b": 1}], cwd=REPO) as c:
             t_up = time.monotonic() - t0 - t_bystander
             probe = (
@@ -560,6 +569,17 @@ def test_two_node_cluster_and_isolated_teardown():
             )
             assert status == "SUCCEEDED", logs
             assert "on " in logs and str(REPO) in logs
+
+            status, logs = c.submit(train, working_dir=REPO, timeout=360)
+            assert status == "SUCCEEDED", logs[-4000:]
+            workers = dict(re.findall(r"\[koa\] worker (\d)/2 on node ([0-9a-f]+)", logs))
+            assert set(workers) == {"0", "1"} and len(set(workers.values())) == 2, logs[-4000:]
+            best = json.loads((shared / "two-node" / "best.json").read_text())
+            assert (shared / "two-node" / "metrics.csv").is_file()
+            assert (shared / "two-node" / best["checkpoint"]).is_dir()
+
+            status, logs = c.submit(score, working_dir=REPO, timeout=240)
+            assert status == "SUCCEEDED", logs[-4000:]
             pids = [n.pid for n in c.nodes]
             t_checks = time.monotonic() - t0 - t_bystander - t_up
             t_down = time.monotonic()
@@ -570,31 +590,6 @@ def test_two_node_cluster_and_isolated_teardown():
         assert bystander.head.proc.poll() is None and bystander.leftover_pids()
         alive = bystander.run_driver("import ray; ray.init(); print('ALIVE', sum(n['Alive'] for n in ray.nodes()))")
         assert alive.returncode == 0 and "ALIVE 1" in alive.stdout, alive.stderr[-2000:]
-    print(f"\n[timing] 2-node test: bystander up {t_bystander:.1f}s, 2-node up {t_up:.1f}s, "
-          f"checks {t_checks:.1f}s, 2-node teardown {t_down:.1f}s, total {time.monotonic() - t0:.1f}s")
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(480)
-def test_jobs_train_and_score_on_two_nodes(prepared, synth_dir, tmp_path):
-    """`ray job submit -- python jobs/train.py` on a 2-node `ray start` cluster: one Train worker per node
-    (STRICT_SPREAD), checkpoints in a folder both nodes see; then `jobs/score.py` with the best checkpoint."""
-    shared = tmp_path / "cluster_storage"
-    train = (f"python jobs/train.py --data {prepared} --out {tmp_path / 'runs'} --storage-path {shared} "
-             "--name two-node --workers 2 --epochs 1 --arch densenet_tiny --image-size 64 --batch-size 32 "
-             "--set placement_strategy=STRICT_SPREAD --set cpus_per_worker=0.5 --set patience=0")
-    score = (f"python jobs/score.py --checkpoint {shared / 'two-node'} --input {synth_dir / 'test'} "
-             f"--out {shared / 'scores.csv'} --concurrency 2 --batch-size 16")
-    with local_ray_cluster(num_nodes=2, num_cpus_per_node=2, cwd=REPO) as c:
-        status, logs = c.submit(train, working_dir=REPO, timeout=360)
-        assert status == "SUCCEEDED", logs[-4000:]
-        workers = dict(re.findall(r"\[koa\] worker (\d)/2 on node ([0-9a-f]+)", logs))
-        assert set(workers) == {"0", "1"} and len(set(workers.values())) == 2, logs[-4000:]
-        best = json.loads((shared / "two-node" / "best.json").read_text())
-        assert (shared / "two-node" / "metrics.csv").is_file() and Path(best["checkpoint"]).is_dir()
-
-        status, logs = c.submit(score, working_dir=REPO, timeout=240)
-        assert status == "SUCCEEDED", logs[-4000:]
     import pandas as pd
 
     scores = pd.read_csv(shared / "scores.csv")
@@ -602,3 +597,6 @@ def test_jobs_train_and_score_on_two_nodes(prepared, synth_dir, tmp_path):
     assert len(scores) == n_images and (scores["status"] == "ok").all()
     assert scores["grade"].between(0, 4).all()
     assert np.allclose(scores[[f"p{g}" for g in range(5)]].sum(axis=1), 1, atol=1e-4)
+    print(f"\n[timing] 2-node test: bystander up {t_bystander:.1f}s, 2-node up {t_up:.1f}s, "
+          f"checks {t_checks:.1f}s, 2-node teardown {t_down:.1f}s, total {time.monotonic() - t0:.1f}s")
+

@@ -109,3 +109,40 @@ def test_warmup_cosine_schedule():
     assert s[0] == pytest.approx(0.1) and s[9] == pytest.approx(1.0)
     assert max(s) == pytest.approx(1.0) and s[-1] < 0.02
     assert all(a >= b for a, b in zip(s[10:], s[11:]))
+
+
+def test_multi_node_run_without_shared_storage_fails_early(ray_session, tmp_path, monkeypatch):
+    """A local --storage-path must be visible from every node; the error names the node and the fixes."""
+    import ray
+
+    from koa_ray.train import driver
+
+    driver.check_shared_storage(str(tmp_path / "one-node"))  # one node: nothing to check
+    real = [n for n in ray.nodes() if n["Alive"]][0]
+    fake = {**real, "NodeManagerAddress": "10.9.9.9"}  # same node id, so the probe tasks can run
+    monkeypatch.setattr(ray, "nodes", lambda: [real, fake])
+    driver.check_shared_storage(str(tmp_path / "shared"))  # both "nodes" see the marker file
+    assert not list((tmp_path / "shared").iterdir())  # and it is cleaned up
+    monkeypatch.setattr(ray, "get", lambda refs: [True, False])  # the second node cannot see it
+    with pytest.raises(RuntimeError, match=r"nodes \['10\.9\.9\.9'\] cannot see.*s3:// or gs://"):
+        driver.check_shared_storage(str(tmp_path / "local"))
+    driver.check_shared_storage("s3://bucket/koa-runs")  # URIs are trusted
+
+
+def test_local_ray_pins_its_own_state_api(ray_session):
+    """Workers of a local instance reach their own dashboard's State API (Ray Train's placement-group cleaner uses
+    it); with several Ray instances on one machine an unpinned client may ask the wrong one."""
+    import os
+
+    import ray
+    from ray.util.state import list_nodes
+
+    url = os.environ["RAY_API_SERVER_ADDRESS"]
+    assert url.startswith("http://127.0.0.1:")
+
+    @ray.remote(num_cpus=0)
+    def seen() -> str | None:
+        return os.environ.get("RAY_API_SERVER_ADDRESS")
+
+    assert ray.get(seen.remote()) == url
+    assert [n.node_id for n in list_nodes()] == [ray.get_runtime_context().get_node_id()]

@@ -42,7 +42,7 @@ def build_train_transform(cfg: AugmentConfig, strength: float = 1.0):
 
     s = float(strength)
     ops = []
-    if cfg.hflip_p > 0:
+    if cfg.hflip_p > 0 and s > 0:  # strength 0 = this grade is not augmented at all
         ops.append(A.HorizontalFlip(p=cfg.hflip_p))
     if cfg.rotate_deg > 0 or cfg.scale > 0 or cfg.translate > 0:
         ops.append(A.Affine(scale=(1 - cfg.scale * s, 1 + cfg.scale * s),
