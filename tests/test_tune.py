@@ -27,7 +27,7 @@ from koa_ray.tune import (DEFAULT_SPACE, MINORITY_KEY, _patience_hit, apply_para
 
 MAX_EPOCHS = 2
 WORKERS = 1
-BAD_ALPHAS = ["bogus"]  # right type, rejected by TrainConfig.validate() when a trial builds its config
+BAD_ALPHAS = ["bogus", "inverze"]  # right type, rejected by TrainConfig.validate() when a trial builds its config
 GOOD_ALPHAS = ["none", "effective"]
 BASE_SETS = ["model.arch=densenet_tiny", "batch_size=32", "eval_batch_size=64", "keep_best=1"]
 SWEEP_SPACE = {
@@ -36,7 +36,7 @@ SWEEP_SPACE = {
         "loss.gamma": {"type": "uniform", "low": 0.0, "high": 3.0},
         "optim.lr": {"type": "loguniform", "low": 1e-4, "high": 3e-3},
         MINORITY_KEY: {"type": "uniform", "low": 1.0, "high": 2.0},
-        # grid values run in order: 2 healthy trials, then 1 that raises (an invalid value the space forces). Only 2
+        # grid values run in order: 2 healthy trials, then 2 that raise (invalid values the space forces). Only 2
         # real trials because each costs ~45-70 s of fixed start-up on 2 cores (see benchmarks/bench_tune.py).
         "loss.alpha": {"type": "grid", "values": [*GOOD_ALPHAS, *BAD_ALPHAS]},
     },
