@@ -304,10 +304,11 @@ def test_rayjob_entrypoint_and_submitter(job):
     # every path the job reads or writes is on the shared volume (pods are ephemeral)
     paths = re.findall(r"\s(/\S+)", entry)
     assert paths and all(p.startswith(STORAGE_MOUNT + "/") for p in paths), entry
-    if job in ("train", "tune"):
+    if job == "train":
         assert re.search(rf"--storage-path {re.escape(STORAGE_MOUNT)}/\S+", entry), entry
+    if job in ("train", "tune"):  # a sweep's folder (Tune experiment + every trial's Train run) is its --out
         assert re.search(rf"--out {re.escape(STORAGE_MOUNT)}/\S+", entry), "run dir must be shared"
-        assert "--gpu" in entry
+        assert ("--gpu" if job == "train" else "--gpus-per-trial") in entry
     else:  # jobs/score.py: no --storage-path; reads the train run dir from shared storage
         assert re.search(rf"--checkpoint {re.escape(STORAGE_MOUNT)}/runs/koa-train\b", entry), entry
     assert spec["shutdownAfterJobFinishes"] is True
