@@ -363,131 +363,6 @@ def _report_callback():
     return EpochReportCallback()
 
 
-REAPER_NAME, REAPER_NAMESPACE = "koa_tune_train_pg_reaper", "koa_tune"
-
-
-class TrainPlacementGroupReaper:
-    """Removes a Ray Train worker placement group once the Train controller that created it has died.
-
-    When ASHA stops a trial, Tune kills the trial's driver actor; the Train controller it owns dies with it, before
-    it can remove its workers' placement group. Ray Train's own ``PlacementGroupCleaner`` needs the State API
-    (dashboard): ``init_ray`` starts it locally, but a cluster started with ``--include-dashboard=false`` has none,
-    and then the group (and its CPUs) would stay reserved and the next trial would wait forever. One reaper actor per job (named :data:`REAPER_NAME`, 0 CPUs) watches every trial's
-    group, checking controller liveness with a plain actor call.
-    """
-
-    def __init__(self, interval_s: float = 1.0):
-        import threading
-
-        self._interval = interval_s
-        self._lock = threading.Lock()
-        self._watched: dict[str, tuple] = {}
-        self.removed: list[str] = []
-        threading.Thread(target=self._loop, name="koa-pg-reaper", daemon=True).start()
-
-    def watch(self, controller, placement_group) -> bool:
-        with self._lock:
-            self._watched[placement_group.id.hex()] = (controller, placement_group)
-        return True
-
-    def watching(self) -> list[str]:
-        with self._lock:
-            return list(self._watched)
-
-    def removed_groups(self) -> list[str]:
-        return list(self.removed)
-
-    def _loop(self):
-        import time
-
-        while True:
-            time.sleep(self._interval)
-            with self._lock:
-                items = list(self._watched.items())
-            for key, (controller, pg) in items:
-                try:
-                    done = self._check(controller, pg)
-                except Exception as e:  # noqa: BLE001 - keep watching the others
-                    print(f"[koa] placement group reaper: {key}: {e}", flush=True)
-                    done = False
-                if done:
-                    with self._lock:
-                        self._watched.pop(key, None)
-
-    def _check(self, controller, pg) -> bool:
-        import ray
-        from ray.util.placement_group import placement_group_table, remove_placement_group
-
-        if placement_group_table(pg).get("state") == "REMOVED":
-            return True  # the controller cleaned up (normal end of a run)
-        ready, _ = ray.wait([controller.__ray_ready__.remote()], timeout=10)
-        if not ready:
-            return False  # alive and busy
-        try:
-            ray.get(ready[0])
-            return False  # alive
-        except ray.exceptions.RayActorError:
-            pass
-        if placement_group_table(pg).get("state") != "REMOVED":
-            remove_placement_group(pg)
-            self.removed.append(pg.id.hex())
-            print(f"[koa] removed placement group {pg.id.hex()} of a stopped trial's Train run", flush=True)
-        return True
-
-
-_REAPER = None  # keeps the (non-detached) actor alive: an actor without a live owner handle is destroyed
-
-
-def reaper_name() -> str:
-    """Per job, so that concurrent sweeps on one cluster each own theirs."""
-    import ray
-
-    return f"{REAPER_NAME}_{ray.get_runtime_context().get_job_id()}"
-
-
-def start_reaper():
-    """The job's :class:`TrainPlacementGroupReaper` actor, created once per job and owned by this process."""
-    global _REAPER
-    import ray
-
-    if _REAPER is not None:
-        try:
-            ray.get(_REAPER.watching.remote(), timeout=30)
-            return _REAPER
-        except Exception:  # noqa: BLE001 - a previous Ray session: start a new one
-            _REAPER = None
-    _REAPER = ray.remote(num_cpus=0)(TrainPlacementGroupReaper).options(
-        name=reaper_name(), namespace=REAPER_NAMESPACE, max_concurrency=4).remote()
-    ray.get(_REAPER.watching.remote())  # up before the first trial registers with it
-    return _REAPER
-
-
-def _placement_group_tracker(name: str):
-    """Ray Train controller callback: registers the worker group's placement group with the reaper.
-
-    Uses Train V2's ``WorkerGroupCallback`` (what Ray Train's own placement-group cleaner hooks into); ``None`` if
-    that interface is not there, and then a stopped trial may leave its group behind.
-    """
-    try:
-        from ray.train.v2._internal.execution.callback import WorkerGroupCallback
-    except ImportError:  # pragma: no cover - depends on the Ray version
-        log.warning("Ray Train WorkerGroupCallback not found: placement groups of stopped trials are not reaped")
-        return None
-
-    class TrackPlacementGroup(WorkerGroupCallback):
-        def after_worker_group_start(self, worker_group):
-            import ray
-
-            try:
-                pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
-                reaper = ray.get_actor(name, namespace=REAPER_NAMESPACE)
-                ray.get(reaper.watch.remote(ray.get_runtime_context().current_actor, pg), timeout=30)
-            except Exception as e:  # noqa: BLE001 - never fail a run for this
-                print(f"[koa] could not register the Train placement group with the reaper: {e}", flush=True)
-
-    return TrackPlacementGroup()
-
-
 def trial_name(trial_id: str) -> str:
     return f"trial_{trial_id}"
 
@@ -508,8 +383,9 @@ def _trial_driver(config: dict, setup: dict) -> None:
     from koa_ray.train.driver import build_trainer
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    callbacks = [_report_callback(), _placement_group_tracker(setup["reaper"])]
-    trainer = build_trainer(cfg, storage_path=setup["runs_dir"], callbacks=[c for c in callbacks if c is not None],
+    # A trial that ASHA stops takes its Train controller down with it; Ray Train's own placement-group cleaner then
+    # frees the workers' CPUs (it needs the dashboard's State API, which init_ray starts and pins).
+    trainer = build_trainer(cfg, storage_path=setup["runs_dir"], callbacks=[_report_callback()],
                             scaling_resources=setup.get("scaling_resources"))
     trainer.fit()  # raises on a failed run -> the trial is recorded as ERROR, the sweep goes on
 
@@ -644,8 +520,6 @@ def run_sweep(*, data: str | None = None, out: str, num_samples: int = 10, max_e
                     "trials may hang", concurrency, per_trial_cpus, cpus)
     setup = {"base": settings["base"], "runs_dir": runs_dir, "driver_cpus": settings["driver_cpus"],
              "scaling_resources": {"GPU": gpu_per_worker} if gpu_per_worker else None}
-    start_reaper()
-    setup["reaper"] = reaper_name()
     trainable = _trainable(setup)
 
     if resume and exp_dir.is_dir() and tune.Tuner.can_restore(str(exp_dir)):
