@@ -71,7 +71,7 @@ def predict_split(checkpoint: str, data: str | Path, split: str, tta: bool, batc
     if (data / "manifest.json").is_file():
         if not (data / split).is_dir():
             raise ValueError(f"{data} has no prepared split {split!r}")
-        ds = ray.data.read_parquet(str(data / split), columns=["image", "size", "label", "path", "side"])
+        ds = ray.data.read_parquet(str(data / split)).select_columns(["image", "size", "label", "path", "side"])
     else:
         rows = discover(data)
         rows = rows[rows["split"] == split]

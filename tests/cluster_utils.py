@@ -577,6 +577,10 @@ def local_ray_cluster(
 
     ports = free_ports(2 + 2 * num_nodes)
     gcs_port, dashboard_port, *per_node = ports
+    # State API calls made inside the cluster (Ray Train's placement-group cleaner) go to this cluster's dashboard,
+    # not to whichever Ray instance on this machine auto-detection would find first.
+    if include_dashboard:
+        nodes_env.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{dashboard_port}")
     client_server_port = per_node.pop()
     nodes: list[RayNode] = []
     for i in range(num_nodes):

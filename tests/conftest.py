@@ -12,6 +12,10 @@ SHARED_KL = REPO.parent / "shared" / "data" / "knee-kl224"
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Keep idle Ray worker processes for a minute instead of one second, so the many short Ray Data and Train runs of
+# the suite reuse warm workers instead of re-importing torch in fresh ones (about 10 s less per Train run on 2 cores).
+os.environ.setdefault("RAY_num_workers_soft_limit", "8")
+os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "60000")
 
 
 @pytest.fixture(scope="session")

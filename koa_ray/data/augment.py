@@ -70,6 +70,22 @@ class TrainPreset:
                  in_chans: int = 1):
         self.cfg, self.image_size, self.mean, self.std, self.in_chans = cfg, image_size, mean, std, in_chans
         self._pipelines = None  # built lazily: albumentations objects are cheap to build, and unpickled per worker
+        self._seed: int | None = None
+
+    def reseed(self, seed: int | None) -> "TrainPreset":
+        """Make the random stream reproducible from ``seed`` (``None``: fresh OS entropy). Returns ``self``.
+
+        Local mode reseeds every epoch (and every ``DataLoader`` worker) from the run's seed, so a local run is
+        repeatable; in the Ray Data stream each task starts unseeded and only the re-sampling is seeded.
+        """
+        self._seed = None if seed is None else int(seed)
+        if self._pipelines is not None:
+            self._seed_pipelines()
+        return self
+
+    def _seed_pipelines(self):
+        for i, p in enumerate({id(p): p for p in self._pipelines}.values()):
+            p.set_random_seed(None if self._seed is None else self._seed * 7919 + i)
 
     def pipeline(self, grade: int):
         if self._pipelines is None:
@@ -78,6 +94,8 @@ class TrainPreset:
             for s in self.cfg.grade_strength:
                 cache.setdefault(float(s), build_train_transform(self.cfg, s))
                 self._pipelines.append(cache[float(s)])
+            if self._seed is not None:
+                self._seed_pipelines()
         return self._pipelines[int(grade)]
 
     def augment(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:

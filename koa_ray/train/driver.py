@@ -102,17 +102,17 @@ def build_datasets(cfg: TrainConfig, weights: np.ndarray) -> dict:
     import ray.data
 
     prep = Path(cfg.data)
-    train = ray.data.read_parquet(str(prep / "train"), columns=["image", "size", "label"]).materialize()
     n_blocks = max(8, cfg.workers * 4)
-    train = train.repartition(n_blocks).materialize()
+    train = (ray.data.read_parquet(str(prep / "train")).select_columns(["image", "size", "label"])
+             .repartition(n_blocks).materialize())
     stream = (train.randomize_block_order()
               .map_batches(Resample(weights), batch_format="numpy", batch_size=256)
               .map_batches(TrainPreset(cfg.augment, cfg.image_size, in_chans=cfg.in_chans), batch_format="numpy",
                            batch_size=64))
     datasets = {"train": stream}
     if (prep / "val").is_dir():
-        datasets["val"] = ray.data.read_parquet(str(prep / "val"),
-                                                columns=["image", "size", "label", "path", "knee"]).materialize()
+        datasets["val"] = ray.data.read_parquet(str(prep / "val")).select_columns(
+            ["image", "size", "label", "path", "knee"]).materialize()
     return datasets
 
 

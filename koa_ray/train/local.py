@@ -71,7 +71,8 @@ class LocalSession:
     def train_batches(self, epoch):
         rng = np.random.default_rng([self.cfg.seed, epoch])
         order = epoch_indices(self.train_labels, self.weights, rng)
-        ds = _EpochDataset(self.train_images, self.train_labels, order, self.preset)
+        ds = _EpochDataset(self.train_images, self.train_labels, order,
+                           self.preset.reseed(self.cfg.seed * 1000 + epoch))
         loader = torch.utils.data.DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=False,
                                              num_workers=self.loader_workers, pin_memory=self.device.type == "cuda",
                                              worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(
@@ -116,11 +117,13 @@ class LocalSession:
 
 
 def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
+    """Each loader worker gets its own reproducible stream, derived from the loader's per-epoch generator."""
+    seed = torch.initial_seed() % 2**31
     np.random.seed(seed)
     import random
 
     random.seed(seed)
+    torch.utils.data.get_worker_info().dataset.preset.reseed(seed)
 
 
 def fit_local(cfg: TrainConfig, loader_workers: int = 0) -> dict:
