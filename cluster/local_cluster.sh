@@ -98,7 +98,10 @@ cmd_start() {
   # setsid via Python (portable): own session/process group, then exec `ray start --block`.
   # RAY_API_SERVER_ADDRESS: Ray Train's placement-group cleaner (and any State API call inside the cluster) asks
   # this dashboard, not whichever Ray instance it would auto-detect when the machine hosts more than one.
+  # PATH: job entrypoints say `python ...`; make that the interpreter next to this ray CLI (the one with koa-ray's
+  # dependencies), even when the caller did not activate the venv.
   env -u RAY_ADDRESS -u RAY_AUTH_TOKEN \
+    PATH="$(dirname "$RAY"):$PATH" \
     RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN_FILE" RAY_API_SERVER_ADDRESS="$URL" \
     RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 RAY_USAGE_STATS_ENABLED=0 \
     "$PY" -c 'import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])' \

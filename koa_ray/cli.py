@@ -105,13 +105,24 @@ def cmd_evaluate(a) -> int:
     return 0
 
 
+def _batch_exit_code(summary: dict, n_ok: int, listing: str) -> int:
+    """0 if any input succeeded (failures are listed in the output); 1 if every input failed, so a scripted or
+    ``ray job submit`` run reports failure instead of success with nothing in it."""
+    if summary.get("n_inputs", 0) > 0 and n_ok == 0 and summary.get("n_errors", 0) > 0:
+        print(f"error: all {summary['n_inputs']} inputs failed; reasons in {listing}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_score(a) -> int:
     from koa_ray.score import score
 
     summary = score(a.input, a.checkpoint, a.out, batch_size=a.batch_size, concurrency=a.concurrency,
                     resume=a.resume, tta=a.tta, address=a.address)
     _print_json(summary)
-    return 0
+    if summary.get("interrupted"):
+        return 0
+    return _batch_exit_code(summary, summary["n_rows"] - summary["n_errors"], f"{a.out} (status=error rows)")
 
 
 def cmd_gradcam(a) -> int:
@@ -120,7 +131,7 @@ def cmd_gradcam(a) -> int:
     summary = run_gradcam(a.input, a.checkpoint, a.out, method=a.method, target=a.target, layer=a.layer,
                           save_npy=a.npy, batch_size=a.batch_size, concurrency=a.concurrency, address=a.address)
     _print_json(summary)
-    return 0
+    return _batch_exit_code(summary, summary["n_overlays"], str(Path(a.out) / "index.csv"))
 
 
 def cmd_tune(a) -> int:

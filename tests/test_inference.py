@@ -139,3 +139,22 @@ def test_evaluate_prepared_and_raw(ray_session, tiny_run, prepared, synth_dir, t
     assert raw["confusion_matrix"] == m["confusion_matrix"]
     tta = evaluate(str(run), prepared, tmp_path / "ev_tta", split="test", tta=True, gradcam_per_grade=0)
     assert tta["n"] == m["n"]
+
+
+def test_cli_exit_code_when_every_input_fails(ray_session, tiny_run, tmp_path, monkeypatch, capsys):
+    """Every input unreadable: the row is still written with the reason, a relative path made absolute against the
+    driver's working dir (Ray workers may run elsewhere), and the command exits 1 so `ray job submit` reports a
+    failed job; one good input makes it 0."""
+    from koa_ray.cli import _batch_exit_code, main
+
+    run, _ = tiny_run
+    monkeypatch.chdir(tmp_path)
+    assert main(["score", "--checkpoint", str(run), "--input", "no/such/dir", "--out", "bad.csv"]) == 1
+    assert "all 1 inputs failed" in capsys.readouterr().err
+    row = pd.read_csv(tmp_path / "bad.csv").iloc[0]
+    assert row["status"] == "error" and "No such file" in row["error"] and row["path"] == str(tmp_path / "no/such/dir")
+    assert main(["gradcam", "--checkpoint", str(run), "--input", "no/such/dir", "--out", "cams"]) == 1
+    assert "all 1 inputs failed" in capsys.readouterr().err
+    # one good input among failures: exit 0, the failures are in the output's error rows
+    assert _batch_exit_code({"n_inputs": 3, "n_errors": 2}, 1, "x") == 0
+    assert _batch_exit_code({"n_inputs": 0, "n_errors": 0}, 0, "x") == 0

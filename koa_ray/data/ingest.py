@@ -120,21 +120,24 @@ def _read_manifest(path: Path) -> pd.DataFrame:
 def expand_inputs(inputs: list[str] | str) -> list[str]:
     """Expand folders (recursively), globs and files into a sorted, de-duplicated list of candidate image files.
 
-    A path that does not exist is kept as is, so the job reports it as unreadable instead of dropping it.
+    Paths are made absolute here, in the driver: the Ray workers that read them may run in another working
+    directory (always so under ``ray job submit``). A path that does not exist is kept (absolute), so the job reports
+    it as unreadable, naming where it looked, instead of dropping it. Manifest paths are taken as written.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [str(inputs)]
     out: list[str] = []
     for item in inputs:
+        item = os.path.abspath(item)
         p = Path(item)
         if p.is_dir():
             out.extend(f for f in _files_under(p) if Path(f).suffix.lower() not in SIDECAR_SUFFIXES)
-        elif any(ch in str(item) for ch in "*?["):
-            out.extend(sorted(f for f in _glob.glob(str(item), recursive=True) if os.path.isfile(f)))
+        elif any(ch in item for ch in "*?["):
+            out.extend(sorted(f for f in _glob.glob(item, recursive=True) if os.path.isfile(f)))
         elif p.suffix.lower() in (".csv", ".parquet") and p.is_file():
             out.extend(_read_manifest(p)["path"].tolist())
         else:
-            out.append(str(item))
+            out.append(item)
     seen, unique = set(), []
     for f in out:
         if f not in seen:
@@ -174,7 +177,7 @@ def discover(source: str | os.PathLike | list[str], cfg: IngestConfig = IngestCo
     """
     sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     if len(sources) == 1 and not any(ch in str(sources[0]) for ch in "*?["):
-        root = Path(sources[0])
+        root = Path(os.path.abspath(sources[0]))  # absolute: read by Ray workers, maybe in another cwd
         if not root.exists():
             raise FileNotFoundError(f"input {root} does not exist")
         split_dirs = [s for s in SPLITS if (root / s).is_dir() and _grade_dirs(root / s)]
