@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="synthetic data -> prepare -> 2-worker Ray Train -> evaluate, end to end")
     s.add_argument("--out", default="demo_out")
     s.add_argument("--n", type=int, default=600)
-    s.add_argument("--epochs", type=int, default=6)
+    s.add_argument("--epochs", type=int, default=15)
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--image-size", type=int, default=64)
     s.add_argument("--arch", default="densenet_tiny", help="densenet_tiny (CPU demo) or densenet121")

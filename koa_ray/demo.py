@@ -9,7 +9,7 @@ from pathlib import Path
 from koa_ray.config import ModelConfig, OptimConfig, TrainConfig
 
 
-def run_demo(out: str | Path = "demo_out", *, n: int = 600, epochs: int = 6, workers: int = 2, image_size: int = 64,
+def run_demo(out: str | Path = "demo_out", *, n: int = 600, epochs: int = 15, workers: int = 2, image_size: int = 64,
              arch: str = "densenet_tiny") -> dict:
     from koa_ray.data.prep import PrepConfig, prepare
     from koa_ray.data.synthetic import make_dataset
