@@ -108,7 +108,7 @@ def cmd_evaluate(a) -> int:
 def _batch_exit_code(summary: dict, n_ok: int, listing: str) -> int:
     """0 if any input succeeded (failures are listed in the output); 1 if every input failed, so a scripted or
     ``ray job submit`` run reports failure instead of success with nothing in it."""
-    if summary.get("n_inputs", 0) > 0 and n_ok == 0 and summary.get("n_errors", 0) > 0:
+    if n_ok == 0 and summary["n_errors"] > 0:
         print(f"error: all {summary['n_inputs']} inputs failed; reasons in {listing}", file=sys.stderr)
         return 1
     return 0

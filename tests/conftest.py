@@ -60,11 +60,15 @@ def prepared(synth_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_run(prepared, tmp_path_factory):
     """A densenet_tiny run trained 2 epochs in local mode on ``prepared``: a real checkpoint for inference tests."""
-    from koa_ray.config import ModelConfig, OptimConfig, TrainConfig
+    from koa_ray.config import TrainConfig
     from koa_ray.train.local import fit_local
 
+    try:
+        from helpers import TINY
+    except ImportError:  # tests/ imported as a package
+        from tests.helpers import TINY
+
     out = tmp_path_factory.mktemp("runs")
-    cfg = TrainConfig(data=str(prepared), out=str(out), name="tiny", image_size=64, epochs=2, batch_size=32,
-                      patience=0, model=ModelConfig(arch="densenet_tiny"), optim=OptimConfig(lr=3e-3))
+    cfg = TrainConfig(data=str(prepared), out=str(out), name="tiny", epochs=2, **TINY)
     result = fit_local(cfg)
     return out / "tiny", result

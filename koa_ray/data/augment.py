@@ -72,20 +72,20 @@ class TrainPreset:
         self._pipelines = None  # built lazily: albumentations objects are cheap to build, and unpickled per worker
         self._seed: int | None = None
 
-    def reseed(self, seed: int | None) -> "TrainPreset":
-        """Make the random stream reproducible from ``seed`` (``None``: fresh OS entropy). Returns ``self``.
+    def reseed(self, seed: int) -> "TrainPreset":
+        """Make the random stream reproducible from ``seed``. Returns ``self``.
 
         Local mode reseeds every epoch (and every ``DataLoader`` worker) from the run's seed, so a local run is
         repeatable; in the Ray Data stream each task starts unseeded and only the re-sampling is seeded.
         """
-        self._seed = None if seed is None else int(seed)
+        self._seed = int(seed)
         if self._pipelines is not None:
             self._seed_pipelines()
         return self
 
     def _seed_pipelines(self):
         for i, p in enumerate({id(p): p for p in self._pipelines}.values()):
-            p.set_random_seed(None if self._seed is None else self._seed * 7919 + i)
+            p.set_random_seed(self._seed * 7919 + i)
 
     def pipeline(self, grade: int):
         if self._pipelines is None:

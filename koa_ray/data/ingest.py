@@ -122,7 +122,8 @@ def expand_inputs(inputs: list[str] | str) -> list[str]:
 
     Paths are made absolute here, in the driver: the Ray workers that read them may run in another working
     directory (always so under ``ray job submit``). A path that does not exist is kept (absolute), so the job reports
-    it as unreadable, naming where it looked, instead of dropping it. Manifest paths are taken as written.
+    it as unreadable, naming where it looked, instead of dropping it. Relative paths inside a manifest are resolved
+    against the manifest's folder.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [str(inputs)]
