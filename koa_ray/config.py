@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import yaml
 
+from koa_ray.metrics import DECODINGS
+
 
 class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names the dotted key."""
@@ -49,7 +51,10 @@ class ModelConfig:
 class LossConfig:
     name: str = "focal"  # focal | ce
     gamma: float = 2.0
-    alpha: str | list[float] = "effective"  # none | inverse | effective | [w0..w4]
+    # Per-grade weights, computed from the grade distribution the model *sees* (after ``balance`` re-sampling), so
+    # re-sampling and alpha never correct the same imbalance twice unknowingly. Default ``none``: the re-sampling
+    # alone corrects it (``koa_ray.data.balance.loss_shares`` gives the resulting per-grade share of the loss).
+    alpha: str | list[float] = "none"  # none | inverse | effective | [w0..w4]
     beta: float = 0.999  # effective-number beta (Cui et al. 2019)
     label_smoothing: float = 0.0
 
@@ -94,9 +99,16 @@ class BalanceConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Train-time augmentation (albumentations). Strength is scaled per grade by ``grade_strength``."""
+    """Train-time augmentation (albumentations), label-safe by default.
 
-    hflip_p: float = 0.5
+    Every grade gets the same pipeline unless ``grade_strength`` asks otherwise (a per-grade strength is a cue the
+    model can learn and that never appears at test time). ``hflip_p`` is 0: prepared knees are mirrored to one
+    canonical (right-knee) orientation, which a random flip would undo; set it only for data prepared with
+    ``roi.mirror_left=false``. Affine zoom is biased outwards (at most ``scale / 2`` in), so the joint margins
+    where osteophytes decide KL1 vs KL2 stay in the crop.
+    """
+
+    hflip_p: float = 0.0
     rotate_deg: float = 10.0
     scale: float = 0.10
     translate: float = 0.06
@@ -106,7 +118,7 @@ class AugmentConfig:
     gamma_p: float = 0.3
     noise_p: float = 0.2
     blur_p: float = 0.1
-    grade_strength: list[float] = field(default_factory=lambda: [1.0, 1.2, 1.0, 1.3, 1.5])
+    grade_strength: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0])
 
     def validate(self):
         for name in ("hflip_p", "clahe_p", "gamma_p", "noise_p", "blur_p"):
@@ -167,7 +179,9 @@ class TrainConfig:
     max_failures: int = 0
     amp: str = "auto"  # auto | bf16 | fp16 | off
     channels_last: bool = True
-    max_steps_per_epoch: int | None = None
+    max_steps_per_epoch: int | None = None  # cap on optimizer steps per epoch (per worker); None = whole epoch
+    torch_threads: int | None = None  # intra-op threads per worker; None = max(1, int(cpus_per_worker))
+    decode: str = "argmax"  # argmax | expected: grade = round(sum_k k * p_k), the ordinal (QWK-friendly) decoding
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
@@ -188,6 +202,10 @@ class TrainConfig:
             ("patience", self.patience >= 0, "must be >= 0 (0 disables early stopping)"),
             ("keep_best", self.keep_best >= 1, "must be >= 1"),
             ("max_failures", self.max_failures >= -1, "must be >= -1"),
+            ("max_steps_per_epoch", self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
+             "must be >= 1 or null"),
+            ("torch_threads", self.torch_threads is None or self.torch_threads >= 1, "must be >= 1 or null"),
+            ("decode", self.decode in DECODINGS, f"supported: {', '.join(DECODINGS)}"),
             ("amp", self.amp in ("auto", "bf16", "fp16", "off"), "supported: auto, bf16, fp16, off"),
             ("name", bool(self.name) and "/" not in self.name, "must be a non-empty name without '/'"),
         ]

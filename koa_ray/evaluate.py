@@ -37,7 +37,8 @@ class EvalActor:
 
             crops = decode_image_column(batch["image"].tolist(), batch["size"].to_numpy())
             probs = self.p.predict(crops, tta=self.tta)
-            return _rows(batch["path"], batch["label"], probs, batch.get("side", pd.Series([""] * len(batch))))
+            return _rows(batch["path"], batch["label"], probs, batch.get("side", pd.Series([""] * len(batch))),
+                         self.p.grades(probs))
         from koa_ray.score import score_rows
 
         scored = score_rows(self.p, batch["path"].tolist(), self.tta)
@@ -46,9 +47,9 @@ class EvalActor:
         return scored.rename(columns={})[[c for c in PRED_COLUMNS]]
 
 
-def _rows(paths, labels, probs, sides) -> pd.DataFrame:
+def _rows(paths, labels, probs, sides, grades) -> pd.DataFrame:
     df = pd.DataFrame({"path": list(paths), "label": np.asarray(labels, int), "status": "ok", "error": "",
-                       "grade": probs.argmax(1)})
+                       "grade": np.asarray(grades, int)})
     for g in range(5):
         df[f"p{g}"] = probs[:, g]
     df["expected_grade"] = probs @ np.arange(5)
@@ -73,8 +74,16 @@ def predict_split(checkpoint: str, data: str | Path, split: str, tta: bool, batc
             raise ValueError(f"{data} has no prepared split {split!r}")
         ds = ray.data.read_parquet(str(data / split)).select_columns(["image", "size", "label", "path", "side"])
     else:
-        rows = discover(data)
-        rows = rows[rows["split"] == split]
+        from koa_ray.data.ingest import WHOLE
+
+        rows = discover(data, make_split=False)
+        rows = rows[rows["label"] >= 0]
+        if (rows["split"] == WHOLE).all() and not rows.empty:
+            # no split in the input (e.g. DIR/{0..4}/*): an external test set, evaluated whole, never re-split
+            print(f"[koa] {data} has no split folders: evaluating all {len(rows)} labelled images "
+                  f"(--split {split} does not apply)", flush=True)
+        else:
+            rows = rows[rows["split"] == split]
         if rows.empty:
             raise ValueError(f"{data} has no labelled images in split {split!r}")
         ds = ray.data.from_pandas(frame_blocks(rows[["path", "label"]], batch_size))

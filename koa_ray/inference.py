@@ -15,7 +15,8 @@ import torch
 
 from koa_ray.data.augment import EvalPreset
 from koa_ray.data.decode import DecodeError, read_image
-from koa_ray.data.ingest import parse_patient_side
+from koa_ray.data.ingest import IngestConfig, parse_patient_side
+from koa_ray.metrics import decode_grades
 from koa_ray.data.prep import PrepConfig, knee_crops
 from koa_ray.train.checkpoint import load_checkpoint, resolve_checkpoint
 
@@ -52,11 +53,17 @@ class Predictor:
         self.prep = PrepConfig.from_dict(pre["prep"])
         self.eval_preset = EvalPreset(pre["input_size"], pre["mean"], pre["std"], pre["in_chans"])
         self.model_id = f"{self.checkpoint.parent.name}/{self.checkpoint.name}"
+        # the side (which decides mirroring) is found as it was when the training data was prepared
+        self.side_source = dict(pre["prep"].get("side") or {"from": "filename",
+                                                            "patient_regex": IngestConfig.patient_regex})
+        self.decode = self.meta.get("decode", "argmax")
 
-    def knees_from_file(self, path: str, patient_regex: str | None = None) -> list[Knee]:
-        """Decode and ROI-crop one file; raises :class:`DecodeError` for unreadable input."""
+    def knees_from_file(self, path: str, side: str | None = None) -> list[Knee]:
+        """Decode and crop one file with the checkpoint's preprocessing; raises :class:`DecodeError` for unreadable
+        input. ``side`` ('L'/'R', e.g. from a manifest) overrides the side parsed from the file name with the
+        recorded ``patient_regex``."""
         img = read_image(path, min_side=self.prep.min_side)
-        side_hint = parse_patient_side(path, patient_regex)[1] if patient_regex else parse_patient_side(path)[1]
+        side_hint = side if side in ("L", "R") else parse_patient_side(path, self.side_source["patient_regex"])[1]
         return [Knee(path, crop, b.x0, b.y0, b.x1, b.y1, b.side if b.side in ("L", "R") else side_hint,
                      bool(b.fallback)) for crop, b in knee_crops(img, self.prep, side_hint)]
 
@@ -65,6 +72,10 @@ class Predictor:
         if flip:
             x = x[..., ::-1].copy()
         return torch.from_numpy(x).to(self.device)
+
+    def grades(self, probs: np.ndarray) -> np.ndarray:
+        """Grades from probabilities with the checkpoint's decoding (``argmax`` or ``expected``)."""
+        return decode_grades(probs, self.decode) if len(probs) else np.zeros(0, np.int64)
 
     @torch.no_grad()
     def predict(self, crops: np.ndarray, tta: bool = False) -> np.ndarray:

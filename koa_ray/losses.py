@@ -35,6 +35,7 @@ __all__ = [
     "build_loss",
     "class_weights",
     "focal_loss",
+    "loss_shares",
 ]
 
 #: Loss names accepted by :func:`build_loss`.
@@ -285,3 +286,23 @@ def _check_reduction(reduction: str) -> None:
 def _check_label_smoothing(label_smoothing: float) -> None:
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
+
+
+def loss_shares(seen_counts: Sequence[float] | np.ndarray, alpha: AlphaLike = None) -> np.ndarray:
+    """Expected share of the training loss carried by each class, before focal modulation.
+
+    A class seen ``n_k`` times per epoch with weight ``alpha_k`` contributes ``n_k * alpha_k`` (times its mean
+    per-sample loss, which is what training changes); the shares are those products normalised to sum to 1.
+    ``alpha=None`` means no weighting. Use it to see how strongly re-sampling plus weighting favour rare grades.
+
+    Raises:
+        ValueError: counts that are negative or all zero, or ``alpha`` of the wrong length.
+    """
+    n = np.asarray(seen_counts, dtype=np.float64)
+    if n.ndim != 1 or np.any(n < 0) or not np.any(n > 0):
+        raise ValueError(f"seen_counts must be non-negative and not all zero, got {seen_counts!r}.")
+    a = np.ones_like(n) if alpha is None else np.asarray(alpha, dtype=np.float64).reshape(-1)
+    if a.shape != n.shape:
+        raise ValueError(f"alpha has {a.size} entries for {n.size} classes.")
+    w = n * a
+    return w / w.sum()

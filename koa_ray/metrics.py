@@ -25,6 +25,7 @@ import numpy as np
 __all__ = [
     "classification_metrics",
     "confusion_matrix",
+    "decode_grades",
     "expected_grade",
     "quadratic_weighted_kappa",
 ]
@@ -76,6 +77,28 @@ def expected_grade(probs: Any) -> np.ndarray:
     if p.ndim not in (1, 2):
         raise ValueError(f"probs must have shape (K,) or (N, K), got {p.shape}.")
     return p @ np.arange(p.shape[-1], dtype=np.float64)
+
+
+DECODINGS: tuple[str, ...] = ("argmax", "expected")
+
+
+def decode_grades(probs: Any, how: str = "argmax") -> np.ndarray:
+    """Predicted grade per row of ``(N, K)`` probabilities.
+
+    ``argmax`` takes the most probable grade; ``expected`` rounds the expected grade ``sum_k k * p_k`` (an ordinal
+    decoding: it trades exact hits for near misses, which quadratic weighted kappa rewards).
+
+    Raises:
+        ValueError: on an unknown ``how`` (listing the choices) or probabilities that are not 2-D.
+    """
+    if how not in DECODINGS:
+        raise ValueError(f"how={how!r}: supported: {', '.join(DECODINGS)}")
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2:
+        raise ValueError(f"probs must have shape (N, K), got {p.shape}.")
+    if how == "argmax":
+        return p.argmax(1).astype(np.int64)
+    return np.clip(np.rint(expected_grade(p)), 0, p.shape[1] - 1).astype(np.int64)
 
 
 def classification_metrics(

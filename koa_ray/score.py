@@ -40,8 +40,8 @@ def score_rows(predictor, paths, tta: bool = False) -> pd.DataFrame:
             rows.append(_error_row(str(path), f"{type(e).__name__}: {e}", predictor.model_id))
     if knees:
         probs = predictor.predict(np.stack([k.crop for k in knees]), tta=tta)
-        for k, p in zip(knees, probs):
-            rows.append({"path": k.path, "status": "ok", "error": "", "grade": int(p.argmax()),
+        for k, p, grade in zip(knees, probs, predictor.grades(probs)):
+            rows.append({"path": k.path, "status": "ok", "error": "", "grade": int(grade),
                          **{f"p{g}": float(p[g]) for g in range(5)},
                          "expected_grade": float((p * np.arange(5)).sum()), "confidence": float(p.max()),
                          "x0": k.x0, "y0": k.y0, "x1": k.x1, "y1": k.y1, "side": k.side,

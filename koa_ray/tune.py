@@ -63,7 +63,8 @@ DEFAULT_SPACE: dict[str, dict] = {
     "augment.contrast": {"type": "uniform", "low": 0.0, "high": 0.4},
     "augment.clahe_p": {"type": "uniform", "low": 0.0, "high": 0.6},
     "augment.noise_p": {"type": "uniform", "low": 0.0, "high": 0.5},
-    MINORITY_KEY: {"type": "uniform", "low": 1.0, "high": 2.0},
+    # grade-aware augmentation (MINORITY_KEY) is opt-in through a space file: a per-grade strength is a label cue
+    "decode": {"type": "choice", "values": ["argmax", "expected"]},
     "balance.target": {"type": "choice", "values": ["none", "sqrt", "uniform"]},
     "balance.strength": {"type": "uniform", "low": 0.0, "high": 1.0},
 }

@@ -75,3 +75,43 @@ def test_transform_built_for_all_options():
     t = build_train_transform(AugmentConfig(), strength=1.5)
     out = t(image=np.full((64, 64), 128, np.uint8))["image"]
     assert out.shape == (64, 64) and out.dtype == np.uint8
+
+
+def test_default_imbalance_correction_is_applied_once():
+    """Defaults: re-sampling to sqrt shares and no loss weight, so each grade's share of the loss is its sqrt share
+    (KL0 ~30%, KL4 ~8% on the real counts). The old defaults (alpha 'effective' from the natural counts on top of
+    the re-sampling) gave KL4, 3% of the data, more of the loss than KL0, 40% of it."""
+    from koa_ray.config import LossConfig
+    from koa_ray.data.balance import sampled_counts
+    from koa_ray.losses import class_weights, loss_shares
+
+    seen = sampled_counts(COUNTS, BalanceConfig())
+    assert LossConfig().alpha == "none"
+    shares = loss_shares(seen, None)
+    np.testing.assert_allclose(shares, np.sqrt(COUNTS) / np.sqrt(COUNTS).sum(), atol=1e-9)
+    assert shares[0] > shares[2] > shares[1] > shares[3] > shares[4] > 0.05
+    double = loss_shares(seen, class_weights(COUNTS, "effective"))  # what the old defaults did
+    assert double[4] > double[0]
+    # asked for on purpose, alpha is computed from what the model sees: 'inverse' on top of re-sampling evens out
+    np.testing.assert_allclose(loss_shares(seen, class_weights(seen, "inverse")), 0.2, atol=1e-9)
+    with pytest.raises(ValueError, match="alpha has 4 entries"):
+        loss_shares(seen, [1, 1, 1, 1])
+
+
+def test_default_augmentation_is_label_safe():
+    """One pipeline for every grade, no horizontal flip (prepared knees share one orientation), zoom-in bounded."""
+    import albumentations as A
+
+    tp = TrainPreset(AugmentConfig(), image_size=64)
+    pipes = {id(tp.pipeline(g)) for g in range(5)}
+    assert len(pipes) == 1
+    names = [type(t).__name__ for t in tp.pipeline(0).transforms]
+    assert "HorizontalFlip" not in names and "Affine" in names
+    # a grade-aware strength is still there on request
+    assert len({id(TrainPreset(AugmentConfig(grade_strength=[1, 1, 1, 1, 2]), 64).pipeline(g)) for g in (0, 4)}) == 2
+    assert any(isinstance(t, A.HorizontalFlip) for t in build_train_transform(AugmentConfig(hflip_p=0.5)).transforms)
+    # augmented crops of the same image do not depend on the grade they are labelled with
+    img = np.random.default_rng(0).integers(0, 255, (1, 64, 64), dtype=np.uint8)
+    a = TrainPreset(AugmentConfig(), 64).reseed(3).augment(img, np.array([0]))
+    b = TrainPreset(AugmentConfig(), 64).reseed(3).augment(img, np.array([4]))
+    np.testing.assert_array_equal(a, b)

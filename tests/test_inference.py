@@ -158,3 +158,49 @@ def test_cli_exit_code_when_every_input_fails(ray_session, tiny_run, tmp_path, m
     # one good input among failures: exit 0, the failures are in the output's error rows
     assert _batch_exit_code({"n_inputs": 3, "n_errors": 2}, 1, "x") == 0
     assert _batch_exit_code({"n_inputs": 0, "n_errors": 0}, 0, "x") == 0
+
+
+def test_evaluate_unsplit_labelled_folder_evaluates_every_image(ray_session, tiny_run, synth_dir, tmp_path, capsys):
+    """An external test set laid out as DIR/{0..4}/* is evaluated whole (never re-split by patient), and says so;
+    the predictions recompute to the written metrics."""
+    from koa_ray.evaluate import evaluate
+    from koa_ray.metrics import classification_metrics
+
+    run, _ = tiny_run
+    ext = tmp_path / "external"
+    files = sorted((synth_dir / "val").rglob("*.png")) + sorted((synth_dir / "test").rglob("*.png"))
+    for f in files:
+        (ext / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, ext / f.parent.name / f.name)
+    m = evaluate(str(run), ext, tmp_path / "ev_ext", split="test", gradcam_per_grade=0)
+    assert m["n"] == len(files)
+    assert "evaluating all" in capsys.readouterr().out
+    preds = pd.read_csv(tmp_path / "ev_ext" / "predictions.csv")
+    assert sorted(preds["path"].str.split("/").str[-1]) == sorted(f.name for f in files)
+    again = classification_metrics(preds["label"].to_numpy(), preds["grade"].to_numpy())
+    assert again["confusion_matrix"] == m["confusion_matrix"]
+    assert preds["label"].tolist() == [int(p.split("/")[-2]) for p in preds["path"]]
+
+
+def test_raw_file_and_prepared_crop_give_the_same_probabilities(tiny_run, prepared):
+    """The preprocessing recorded in the checkpoint (ROI, side from the file name, left-knee mirroring, size) is
+    what scoring a raw file applies: identical probabilities to 1e-5 for the same knee, left and right knees."""
+    import pyarrow.parquet as pq
+
+    from koa_ray.data.decode import decode_image_column
+    from koa_ray.inference import Predictor
+    from koa_ray.score import score_rows
+
+    run, _ = tiny_run
+    p = Predictor(run, device="cpu")
+    assert p.side_source["from"] == "filename" and "(?P<side>" in p.side_source["patient_regex"]
+    table = pq.read_table(str(prepared / "val")).to_pandas()
+    table = pd.concat([table[table.side == "L"].head(4), table[table.side == "R"].head(4)])
+    assert len(table) == 8
+    from_parquet = p.predict(decode_image_column(table["image"].tolist(), table["size"].to_numpy()))
+    scored = score_rows(p, table["path"].tolist()).set_index("path").loc[table["path"]]
+    np.testing.assert_allclose(scored[[f"p{g}" for g in range(5)]].to_numpy(), from_parquet, atol=1e-5)
+    assert scored["side"].tolist() == table["side"].tolist()
+    # the mirroring matters: an un-mirrored left knee is a different input
+    left = decode_image_column(table["image"].tolist()[:1], table["size"].to_numpy()[:1])
+    assert not np.allclose(p.predict(left[:, :, ::-1].copy()), from_parquet[:1], atol=1e-5)

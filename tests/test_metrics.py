@@ -175,3 +175,15 @@ def test_module_imports_neither_torch_nor_sklearn():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_decode_grades_argmax_and_expected():
+    from koa_ray.metrics import decode_grades
+
+    p = np.array([[0.5, 0.0, 0.0, 0.0, 0.5],  # argmax 0 (first max), expected 2
+                  [0.1, 0.6, 0.3, 0.0, 0.0],  # argmax 1, expected 1.2 -> 1
+                  [0.0, 0.0, 0.0, 0.4, 0.6]])  # argmax 4, expected 3.6 -> 4
+    assert decode_grades(p, "argmax").tolist() == [0, 1, 4]
+    assert decode_grades(p, "expected").tolist() == [2, 1, 4]
+    with pytest.raises(ValueError, match="supported: argmax, expected"):
+        decode_grades(p, "mode")

@@ -49,8 +49,9 @@ def test_default_space_is_valid_and_covers_the_issue():
     assert set(space) == set(DEFAULT_SPACE)
     for key in ("loss.gamma", "loss.alpha", "optim.lr", "optim.weight_decay", "loss.label_smoothing",
                 "augment.rotate_deg", "augment.brightness", "augment.contrast", "augment.clahe_p", "augment.noise_p",
-                MINORITY_KEY, "balance.target", "balance.strength"):
+                "decode", "balance.target", "balance.strength"):
         assert key in space
+    assert MINORITY_KEY not in space  # grade-aware augmentation is opt-in (a space file can add it)
     assert space["loss.gamma"] == {"type": "uniform", "low": 0.0, "high": 5.0}
     assert space["optim.lr"]["type"] == "loguniform"
     assert space["loss.alpha"]["values"] == ["none", "inverse", "effective"]

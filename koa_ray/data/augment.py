@@ -1,9 +1,9 @@
 """Train and eval presets (albumentations), applied to preprocessed knee crops on CPU.
 
 Presets are small callable classes in the style of torchvision's ``references/classification/presets.py``: the
-train preset is random and *class-aware* — each grade gets its own pipeline whose strength is scaled by
-``AugmentConfig.grade_strength`` (minority grades get stronger augmentation, and more augmented copies through
-:mod:`koa_ray.data.balance`); the eval preset is deterministic. Both take ``uint8 (N, S, S)`` crops and return
+train preset is random and label-safe — by default every grade gets the same pipeline (``AugmentConfig.
+grade_strength`` can scale it per grade on request; minority grades get more augmented copies through
+:mod:`koa_ray.data.balance` either way); the eval preset is deterministic. Both take ``uint8 (N, S, S)`` crops and return
 normalised ``float32 (N, C, size, size)`` arrays ready for ``torch.from_numpy``.
 """
 
@@ -45,7 +45,8 @@ def build_train_transform(cfg: AugmentConfig, strength: float = 1.0):
     if cfg.hflip_p > 0 and s > 0:  # strength 0 = this grade is not augmented at all
         ops.append(A.HorizontalFlip(p=cfg.hflip_p))
     if cfg.rotate_deg > 0 or cfg.scale > 0 or cfg.translate > 0:
-        ops.append(A.Affine(scale=(1 - cfg.scale * s, 1 + cfg.scale * s),
+        # zoom in at most half as far as out: the joint margins (osteophytes) stay inside the crop
+        ops.append(A.Affine(scale=(1 - cfg.scale * s, 1 + 0.5 * cfg.scale * s),
                             translate_percent=(-cfg.translate * s, cfg.translate * s),
                             rotate=(-cfg.rotate_deg * s, cfg.rotate_deg * s),
                             border_mode=cv2.BORDER_REFLECT_101, p=min(1.0, 0.7 * s)))

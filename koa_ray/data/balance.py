@@ -50,6 +50,16 @@ def sampling_weights(counts, cfg: BalanceConfig) -> np.ndarray:
     return w
 
 
+def sampled_counts(counts, cfg: BalanceConfig) -> np.ndarray:
+    """Expected number of rows of each grade in one re-sampled epoch: the distribution the model actually sees.
+
+    Loss weights (``loss.alpha``) are computed from these, not from the natural counts, so that re-sampling and
+    weighting never silently correct the same imbalance twice.
+    """
+    counts = np.asarray(counts, np.float64)
+    return sampling_weights(counts, cfg) * counts
+
+
 def draw_copies(labels: np.ndarray, weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Number of copies of each row: ``floor(w) + Bernoulli(frac(w))``."""
     w = np.asarray(weights)[np.asarray(labels, np.int64)]

@@ -169,8 +169,15 @@ def patient_split(df: pd.DataFrame, cfg: IngestConfig = IngestConfig()) -> pd.Se
     return patients.map(assign).rename("split")
 
 
-def discover(source: str | os.PathLike | list[str], cfg: IngestConfig = IngestConfig()) -> pd.DataFrame:
+WHOLE = "all"  # the split of every row when ``discover(..., make_split=False)`` finds no split in the input
+
+
+def discover(source: str | os.PathLike | list[str], cfg: IngestConfig = IngestConfig(), *,
+             make_split: bool = True) -> pd.DataFrame:
     """Return one row per input file with columns ``path, label, split, patient_id, side``.
+
+    Labelled input without a split gets a patient-level split (``make_split=True``, for ``koa prepare``) or the
+    split ``"all"`` on every row (``make_split=False``: an external test set to be evaluated whole).
 
     Raises:
         FileNotFoundError: a single source path that does not exist.
@@ -197,7 +204,8 @@ def discover(source: str | os.PathLike | list[str], cfg: IngestConfig = IngestCo
     parsed = [parse_patient_side(p, cfg.patient_regex) for p in df["path"]]
     if "patient_id" not in df:
         df["patient_id"] = [pid for pid, _ in parsed]
-    if "side" not in df:
+    side_from_manifest = "side" in df
+    if not side_from_manifest:
         df["side"] = [side for _, side in parsed]
     df["patient_id"] = df["patient_id"].fillna("").astype(str)
     df["side"] = df["side"].fillna("").astype(str).str.upper()
@@ -205,6 +213,10 @@ def discover(source: str | os.PathLike | list[str], cfg: IngestConfig = IngestCo
     if "split" not in df:
         if (df["label"] == UNLABELED).all():
             df["split"] = "unlabeled"
+        elif not make_split:
+            df["split"] = WHOLE
         else:
             df["split"] = patient_split(df, cfg).to_numpy()
-    return df[COLUMNS]
+    out = df[COLUMNS].copy()
+    out.attrs["side_from_manifest"] = side_from_manifest
+    return out

@@ -67,10 +67,21 @@ def knee_crops(img: np.ndarray, cfg: PrepConfig, side_hint: str = "") -> list[tu
     if cfg.roi.enabled:
         boxes = detect_knees(img, cfg.roi, side_hint=side_hint or None)
         return [(crop_knee(img, b, cfg.image_size, mirror_left=cfg.roi.mirror_left), b) for b in boxes]
+    # no ROI (inputs that are already knee crops, e.g. the Chen 2018 / OAI set): the whole image, resized, with
+    # left knees still mirrored to the canonical orientation so that training and inference agree
     h, w = img.shape
     box = KneeBox(0, 0, w, h, side_hint or "U", 1.0, False)
-    crop = cv2.resize(img, (cfg.image_size, cfg.image_size), interpolation=cv2.INTER_AREA)
+    interp = cv2.INTER_AREA if max(h, w) > cfg.image_size else cv2.INTER_LINEAR
+    crop = cv2.resize(_window_uint8(img), (cfg.image_size, cfg.image_size), interpolation=interp)
+    if cfg.roi.mirror_left and box.side == "L":
+        crop = np.ascontiguousarray(crop[:, ::-1])
     return [(crop, box)]
+
+
+def _window_uint8(img: np.ndarray) -> np.ndarray:
+    from koa_ray.data.roi import _as_gray, _to_uint8
+
+    return _to_uint8(_as_gray(img))
 
 
 def process_file(row: dict, cfg: PrepConfig) -> list[dict]:
@@ -102,9 +113,17 @@ def process_batch(batch: pd.DataFrame, cfg: PrepConfig) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------------------ driver
-def fingerprint(df: pd.DataFrame, cfg: PrepConfig) -> str:
+def side_source(inputs: pd.DataFrame, ingest: IngestConfig) -> dict:
+    """How each knee's side (which decides mirroring) was found; recorded in the manifest and every checkpoint, so
+    inference finds it the same way. ``from``: ``filename`` (``patient_regex`` on the stem) or ``manifest``."""
+    src = "manifest" if inputs.attrs.get("side_from_manifest") else "filename"
+    return {"from": src, "patient_regex": ingest.patient_regex}
+
+
+def fingerprint(df: pd.DataFrame, cfg: PrepConfig, extra: dict | None = None) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"cfg": cfg.to_dict(), "version": __version__}, sort_keys=True).encode())
+    h.update(json.dumps({"cfg": cfg.to_dict(), "version": __version__, "extra": extra or {}},
+                        sort_keys=True).encode())
     for path, label, split in zip(df["path"], df["label"], df["split"]):
         try:
             st = os.stat(path)
@@ -116,7 +135,7 @@ def fingerprint(df: pd.DataFrame, cfg: PrepConfig) -> str:
 
 
 def _summarise(meta: pd.DataFrame, inputs: pd.DataFrame, out: Path, source: str, cfg: PrepConfig, fp: str,
-               seconds: float, mode: str) -> dict:
+               seconds: float, mode: str, side: dict) -> dict:
     ok = meta[meta["status"] == "ok"]
     errors = meta[meta["status"] == "error"]
     counts = {s: {str(g): int(((ok["split"] == s) & (ok["label"] == g)).sum()) for g in sorted(ok["label"].unique())}
@@ -128,7 +147,8 @@ def _summarise(meta: pd.DataFrame, inputs: pd.DataFrame, out: Path, source: str,
         "source": str(source), "out": str(out), "package_version": __version__, "fingerprint": fp, "mode": mode,
         "n_inputs": int(len(inputs)), "n_ok_files": int(n_files_ok), "n_knees": int(len(ok)),
         "n_errors": int(len(errors)), "n_roi_fallback": int(ok["roi_fallback"].sum()),
-        "counts": counts, "splits": sorted(counts), "image_size": cfg.image_size, "prep": cfg.to_dict(),
+        "counts": counts, "splits": sorted(counts), "image_size": cfg.image_size,
+        "prep": {**cfg.to_dict(), "side": side},
         "duration_s": round(seconds, 2), "images_per_s": round(len(inputs) / max(seconds, 1e-9), 2),
     }
 
@@ -152,7 +172,8 @@ def prepare(source: str | list[str], out: str | Path, cfg: PrepConfig = PrepConf
     inputs = discover(source, ingest)
     if inputs.empty:
         raise ValueError(f"no input files found under {source}")
-    fp = fingerprint(inputs, cfg)
+    side = side_source(inputs, ingest)
+    fp = fingerprint(inputs, cfg, side)
     if not force and (out / MANIFEST).is_file():
         manifest = load_manifest(out)
         if manifest.get("fingerprint") == fp:
@@ -169,7 +190,7 @@ def prepare(source: str | list[str], out: str | Path, cfg: PrepConfig = PrepConf
     meta[meta["status"] == "error"][["path", "label", "split", "error"]].rename(columns={"error": "reason"}).to_csv(
         staging / ERRORS, index=False)
     manifest = _summarise(meta, inputs, out, str(source), cfg, fp, time.perf_counter() - t0,
-                          "local" if local else "ray")
+                          "local" if local else "ray", side)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if out.exists():
         shutil.rmtree(out)

@@ -30,6 +30,7 @@ class RayTrainSession:
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.eval_preset = EvalPreset(cfg.image_size, in_chans=cfg.in_chans)
+        self._val: tuple[np.ndarray, np.ndarray] | None = None
 
     def prepare_model(self, model):
         import ray.train.torch
@@ -40,22 +41,33 @@ class RayTrainSession:
         import ray.train
 
         shard = ray.train.get_dataset_shard("train")
+        # the stream is globally shuffled every epoch (build_datasets); no local buffer needed on top
         for batch in shard.iter_torch_batches(batch_size=self.cfg.batch_size, dtypes={"image": torch.float32,
-                                              "label": torch.int64}, local_shuffle_buffer_size=self.cfg.batch_size * 8,
-                                              local_shuffle_seed=None):
+                                              "label": torch.int64}):
             yield batch["image"], batch["label"]
 
     def val_batches(self):
-        import ray.train
+        """This worker's share of the val split, read and preprocessed once, then served from memory every epoch
+        (a fresh Ray Data pass per epoch costs seconds even for a small split)."""
+        if self._val is None:
+            import ray.train
 
-        shard = ray.train.get_dataset_shard("val")
-        if shard is None:
-            return
-        for b in shard.iter_batches(batch_size=self.cfg.eval_batch_size, batch_format="numpy"):
-            mine = np.array([owns_row(p, k, self.rank, self.world_size) for p, k in zip(b["path"], b["knee"])], bool)
-            if mine.any():
-                out = self.eval_preset({"image": b["image"][mine], "size": b["size"][mine], "label": b["label"][mine]})
-                yield out["image"], out["label"]
+            shard = ray.train.get_dataset_shard("val")
+            xs, ys = [], []
+            for b in (shard.iter_batches(batch_size=self.cfg.eval_batch_size, batch_format="numpy")
+                      if shard is not None else ()):
+                mine = np.array([owns_row(p, k, self.rank, self.world_size) for p, k in zip(b["path"], b["knee"])],
+                                bool)
+                if mine.any():
+                    out = self.eval_preset({"image": b["image"][mine], "size": b["size"][mine],
+                                            "label": b["label"][mine]})
+                    xs.append(out["image"])
+                    ys.append(out["label"])
+            self._val = (np.concatenate(xs) if xs else np.zeros((0,), np.float32),
+                         np.concatenate(ys) if ys else np.zeros((0,), np.int64))
+        x, y = self._val
+        for i in range(0, len(y), self.cfg.eval_batch_size):
+            yield x[i:i + self.cfg.eval_batch_size], y[i:i + self.cfg.eval_batch_size]
 
     @contextlib.contextmanager
     def latest_checkpoint(self):
@@ -98,15 +110,21 @@ def train_worker(config: dict) -> None:
 
 
 def build_datasets(cfg: TrainConfig, weights: np.ndarray) -> dict:
-    """Materialize the preprocessed Parquet once; re-sampling and augmentation run per epoch after it."""
+    """The Ray Data streams of a run.
+
+    The preprocessed Parquet is read and materialized once (deterministic). Every epoch then re-executes, after it:
+    re-sampling by grade (:class:`Resample`), a global ``random_shuffle`` with a fresh order (prepared data is
+    written grade by grade, and re-sampled copies sit next to their original, so block-order randomisation and a
+    local shuffle buffer cannot mix it), and random augmentation. Batches therefore carry the epoch's grade mix.
+    """
     import ray.data
 
     prep = Path(cfg.data)
     n_blocks = max(8, cfg.workers * 4)
     train = (ray.data.read_parquet(str(prep / "train")).select_columns(["image", "size", "label"])
              .repartition(n_blocks).materialize())
-    stream = (train.randomize_block_order()
-              .map_batches(Resample(weights), batch_format="numpy", batch_size=256)
+    stream = (train.map_batches(Resample(weights), batch_format="numpy", batch_size=256)
+              .random_shuffle()
               .map_batches(TrainPreset(cfg.augment, cfg.image_size, in_chans=cfg.in_chans), batch_format="numpy",
                            batch_size=64))
     datasets = {"train": stream}
@@ -169,7 +187,7 @@ def build_trainer(cfg: TrainConfig, *, storage_path: str | None = None, callback
     return TorchTrainer(
         train_loop_per_worker=train_worker,
         train_loop_config={"cfg": to_dict(cfg), "data": asdict(info),
-                           "torch_threads": max(1, int(cfg.cpus_per_worker))},
+                           "torch_threads": cfg.torch_threads or max(1, int(cfg.cpus_per_worker))},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker=resources,
                                      placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(

@@ -22,7 +22,7 @@ import torch
 from koa_ray.config import TrainConfig, to_dict
 from koa_ray.data.augment import GRAY_MEAN, GRAY_STD
 from koa_ray.losses import build_loss, class_weights
-from koa_ray.metrics import classification_metrics
+from koa_ray.metrics import DECODINGS, classification_metrics, decode_grades
 from koa_ray.train.checkpoint import TRAIN_STATE, save_checkpoint
 
 NUM_CLASSES = 5
@@ -36,6 +36,7 @@ class DataInfo:
     n_train: int
     prep: dict  # PrepConfig.to_dict() of the prepared data
     epoch_samples: int  # expected samples per epoch after re-balancing
+    epoch_counts: tuple[float, ...] = ()  # expected samples per grade per epoch (what the model sees)
 
 
 class Session(Protocol):
@@ -57,6 +58,7 @@ def checkpoint_meta(cfg: TrainConfig, model_cfg: dict, data: DataInfo, epoch: in
         "model": model_cfg,
         "preprocess": {"prep": data.prep, "input_size": cfg.image_size, "mean": GRAY_MEAN, "std": GRAY_STD,
                        "in_chans": cfg.in_chans},
+        "decode": cfg.decode,  # how probabilities become a grade (argmax | expected)
         "train_config": to_dict(cfg),
         "epoch": epoch,
         "metrics": metrics,
@@ -96,10 +98,10 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 
 @torch.no_grad()
 def evaluate_batches(model: torch.nn.Module, batches: Iterable[tuple[np.ndarray, np.ndarray]], device: torch.device,
-                     loss_fn, amp: torch.dtype | None, channels_last: bool) -> tuple[np.ndarray, float, int]:
-    """Confusion matrix, summed loss and count over ``batches`` (already-normalised float arrays)."""
+                     loss_fn, amp: torch.dtype | None, channels_last: bool) -> tuple[dict, float, int]:
+    """Confusion matrices (one per decoding in ``DECODINGS``), summed loss and count over ``batches``."""
     model.eval()
-    cm = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    cms = {how: np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64) for how in DECODINGS}
     loss_sum, n = 0.0, 0
     for x, y in batches:
         xt = torch.as_tensor(np.array(x, np.float32), device=device)
@@ -109,10 +111,11 @@ def evaluate_batches(model: torch.nn.Module, batches: Iterable[tuple[np.ndarray,
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = model(xt)
         loss_sum += float(loss_fn(logits.float(), yt)) * len(y)
-        pred = logits.argmax(1).cpu().numpy()
-        np.add.at(cm, (np.asarray(y), pred), 1)
+        probs = torch.softmax(logits.float(), 1).cpu().numpy()
+        for how, cm in cms.items():
+            np.add.at(cm, (np.asarray(y), decode_grades(probs, how)), 1)
         n += len(y)
-    return cm, loss_sum, n
+    return cms, loss_sum, n
 
 
 def metrics_from_confusion(cm: np.ndarray) -> dict:
@@ -153,8 +156,9 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, total_steps, warmup, cfg.optim.min_lr_ratio))
     alpha_scheme = cfg.loss.alpha
+    seen_counts = data.epoch_counts or data.train_counts  # alpha from the distribution the model sees
     alpha = None if alpha_scheme == "none" else class_weights(
-        data.train_counts, alpha_scheme if isinstance(alpha_scheme, str) else list(alpha_scheme), beta=cfg.loss.beta)
+        seen_counts, alpha_scheme if isinstance(alpha_scheme, str) else list(alpha_scheme), beta=cfg.loss.beta)
     loss_fn = build_loss(cfg.loss.name, gamma=cfg.loss.gamma, alpha=alpha, label_smoothing=cfg.loss.label_smoothing,
                          num_classes=NUM_CLASSES).to(device)
     eval_loss = torch.nn.CrossEntropyLoss()
@@ -182,7 +186,9 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session) -> None:
         t0 = time.perf_counter()
         seen = torch.zeros(NUM_CLASSES, dtype=torch.float64)
         loss_sum = torch.zeros(1, dtype=torch.float64)
-        for x, y in session.train_batches(epoch):
+        for step, (x, y) in enumerate(session.train_batches(epoch)):
+            if cfg.max_steps_per_epoch is not None and step >= cfg.max_steps_per_epoch:
+                break
             x = x.to(device, non_blocking=True)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -205,9 +211,12 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session) -> None:
         loss_sum = session.all_reduce(loss_sum)
         n_seen = float(seen.sum())
 
-        cm, val_loss_sum, n_val = evaluate_batches(model, session.val_batches(), device, eval_loss, amp, channels_last)
-        cm = session.all_reduce(torch.as_tensor(cm, dtype=torch.float64)).numpy().astype(np.int64)
+        cms, val_loss_sum, n_val = evaluate_batches(model, session.val_batches(), device, eval_loss, amp,
+                                                    channels_last)
+        cms = {how: session.all_reduce(torch.as_tensor(c, dtype=torch.float64)).numpy().astype(np.int64)
+               for how, c in cms.items()}
         val_loss_sum = float(session.all_reduce(torch.tensor([val_loss_sum], dtype=torch.float64)))
+        cm = cms[cfg.decode]
         val = metrics_from_confusion(cm) if cm.sum() else None
 
         metrics = {"epoch": epoch, "train_loss": float(loss_sum) / max(n_seen, 1), "lr": scheduler.get_last_lr()[0],
@@ -217,6 +226,9 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session) -> None:
         if val is not None:
             metrics["val_loss"] = val_loss_sum / max(int(cm.sum()), 1)
             metrics.update(flat_metrics("val", val))
+            for how, c in cms.items():  # both decodings, to choose between them on val
+                m_how = metrics_from_confusion(c)
+                metrics[f"val_qwk_{how}"], metrics[f"val_accuracy_{how}"] = m_how["qwk"], m_how["accuracy"]
             metrics["val_confusion_matrix"] = val["confusion_matrix"]
         qwk = metrics.get("val_qwk", -metrics["train_loss"])
         if qwk > best_qwk + 1e-6:

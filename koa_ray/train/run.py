@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from koa_ray.config import TrainConfig, save_yaml
-from koa_ray.data.balance import sampling_weights
+from koa_ray.data.balance import sampled_counts, sampling_weights
 from koa_ray.data.prep import load_manifest
 from koa_ray.train.checkpoint import BEST_POINTER, META
 from koa_ray.train.loop import NUM_CLASSES, DataInfo
@@ -24,7 +24,8 @@ def data_info(cfg: TrainConfig, manifest: dict | None = None) -> tuple[DataInfo,
     counts = np.array([manifest["counts"]["train"].get(str(g), 0) for g in range(NUM_CLASSES)], np.int64)
     weights = sampling_weights(counts, cfg.balance)
     info = DataInfo(train_counts=tuple(int(c) for c in counts), n_train=int(counts.sum()), prep=manifest["prep"],
-                    epoch_samples=int(round(float((weights * counts).sum()))))
+                    epoch_samples=int(round(float((weights * counts).sum()))),
+                    epoch_counts=tuple(float(c) for c in sampled_counts(counts, cfg.balance)))
     return info, weights
 
 
