@@ -36,7 +36,8 @@ class PrepConfig:
 
     Args:
         image_size: side of the square knee crop written to Parquet.
-        roi: knee-joint ROI settings; ``roi.enabled=False`` only resizes the whole image.
+        roi: knee-joint ROI settings; ``roi.enabled=False`` resizes the whole image (for inputs that are already
+            knee crops) and still mirrors left knees when ``roi.mirror_left``.
         min_side: inputs smaller than this (px) are rejected as errors.
     """
 
