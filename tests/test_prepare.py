@@ -86,3 +86,22 @@ def test_bilateral_radiographs_give_two_knees(tmp_path):
     assert m["n_inputs"] == 6 and m["n_knees"] == 12
     knees = _read_split(tmp_path / "prep" / "unlabeled")
     assert sorted(knees.groupby("path")["side"].apply(lambda s: "".join(sorted(s)))) == ["LR"] * 6
+
+
+def test_no_roi_resizes_whole_image_and_mirrors_left_knees():
+    """--no-roi (inputs already knee crops): the whole image is resized, and a left knee (side from the file name)
+    is still mirrored to the right-knee orientation, unless mirroring is off."""
+    import numpy as np
+
+    from koa_ray.data.prep import PrepConfig, knee_crops
+    from koa_ray.data.roi import RoiConfig
+
+    img = np.tile(np.arange(100, dtype=np.uint8), (100, 1))  # brighter to the right
+    cfg = PrepConfig(image_size=50, roi=RoiConfig(enabled=False))
+    (right, box_r), = knee_crops(img, cfg, side_hint="R")
+    (left, box_l), = knee_crops(img, cfg, side_hint="L")
+    assert right.shape == (50, 50) and (box_r.x0, box_r.y0, box_r.x1, box_r.y1) == (0, 0, 100, 100)
+    assert right[0, -1] > right[0, 0] and left[0, 0] > left[0, -1]
+    np.testing.assert_array_equal(left, right[:, ::-1])
+    (kept, _), = knee_crops(img, PrepConfig(image_size=50, roi=RoiConfig(enabled=False, mirror_left=False)), "L")
+    np.testing.assert_array_equal(kept, right)
