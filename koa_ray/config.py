@@ -53,7 +53,7 @@ class LossConfig:
     gamma: float = 2.0
     # Per-grade weights, computed from the grade distribution the model *sees* (after ``balance`` re-sampling), so
     # re-sampling and alpha never correct the same imbalance twice unknowingly. Default ``none``: the re-sampling
-    # alone corrects it (``koa_ray.data.balance.loss_shares`` gives the resulting per-grade share of the loss).
+    # alone corrects it (``koa_ray.losses.loss_shares`` gives the resulting per-grade share of the loss).
     alpha: str | list[float] = "none"  # none | inverse | effective | [w0..w4]
     beta: float = 0.999  # effective-number beta (Cui et al. 2019)
     label_smoothing: float = 0.0

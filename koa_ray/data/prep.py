@@ -61,8 +61,6 @@ class PrepConfig:
 
 def knee_crops(img: np.ndarray, cfg: PrepConfig, side_hint: str = "") -> list[tuple[np.ndarray, object]]:
     """ROI-detect and crop every knee in a decoded image → ``[(crop uint8 SxS, KneeBox), ...]``."""
-    import cv2
-
     from koa_ray.data.roi import KneeBox
 
     if cfg.roi.enabled:
@@ -72,17 +70,7 @@ def knee_crops(img: np.ndarray, cfg: PrepConfig, side_hint: str = "") -> list[tu
     # left knees still mirrored to the canonical orientation so that training and inference agree
     h, w = img.shape
     box = KneeBox(0, 0, w, h, side_hint or "U", 1.0, False)
-    interp = cv2.INTER_AREA if max(h, w) > cfg.image_size else cv2.INTER_LINEAR
-    crop = cv2.resize(_window_uint8(img), (cfg.image_size, cfg.image_size), interpolation=interp)
-    if cfg.roi.mirror_left and box.side == "L":
-        crop = np.ascontiguousarray(crop[:, ::-1])
-    return [(crop, box)]
-
-
-def _window_uint8(img: np.ndarray) -> np.ndarray:
-    from koa_ray.data.roi import _as_gray, _to_uint8
-
-    return _to_uint8(_as_gray(img))
+    return [(crop_knee(img, box, cfg.image_size, mirror_left=cfg.roi.mirror_left), box)]
 
 
 def process_file(row: dict, cfg: PrepConfig) -> list[dict]:

@@ -36,7 +36,7 @@ class DataInfo:
     n_train: int
     prep: dict  # PrepConfig.to_dict() of the prepared data
     epoch_samples: int  # expected samples per epoch after re-balancing
-    epoch_counts: tuple[float, ...] = ()  # expected samples per grade per epoch (what the model sees)
+    epoch_counts: tuple[float, ...]  # expected samples per grade per epoch (what the model sees)
 
 
 class Session(Protocol):
@@ -156,9 +156,8 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, total_steps, warmup, cfg.optim.min_lr_ratio))
     alpha_scheme = cfg.loss.alpha
-    seen_counts = data.epoch_counts or data.train_counts  # alpha from the distribution the model sees
-    alpha = None if alpha_scheme == "none" else class_weights(
-        seen_counts, alpha_scheme if isinstance(alpha_scheme, str) else list(alpha_scheme), beta=cfg.loss.beta)
+    alpha = None if alpha_scheme == "none" else class_weights(  # from the distribution the model sees
+        data.epoch_counts, alpha_scheme if isinstance(alpha_scheme, str) else list(alpha_scheme), beta=cfg.loss.beta)
     loss_fn = build_loss(cfg.loss.name, gamma=cfg.loss.gamma, alpha=alpha, label_smoothing=cfg.loss.label_smoothing,
                          num_classes=NUM_CLASSES).to(device)
     eval_loss = torch.nn.CrossEntropyLoss()
@@ -217,7 +216,8 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session) -> None:
                for how, c in cms.items()}
         val_loss_sum = float(session.all_reduce(torch.tensor([val_loss_sum], dtype=torch.float64)))
         cm = cms[cfg.decode]
-        val = metrics_from_confusion(cm) if cm.sum() else None
+        by_decode = {how: metrics_from_confusion(c) for how, c in cms.items()} if cm.sum() else {}
+        val = by_decode.get(cfg.decode)
 
         metrics = {"epoch": epoch, "train_loss": float(loss_sum) / max(n_seen, 1), "lr": scheduler.get_last_lr()[0],
                    "train_images": int(n_seen), "train_img_per_s": n_seen / max(train_time, 1e-9),
@@ -226,8 +226,7 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session) -> None:
         if val is not None:
             metrics["val_loss"] = val_loss_sum / max(int(cm.sum()), 1)
             metrics.update(flat_metrics("val", val))
-            for how, c in cms.items():  # both decodings, to choose between them on val
-                m_how = metrics_from_confusion(c)
+            for how, m_how in by_decode.items():  # both decodings, to choose between them on val
                 metrics[f"val_qwk_{how}"], metrics[f"val_accuracy_{how}"] = m_how["qwk"], m_how["accuracy"]
             metrics["val_confusion_matrix"] = val["confusion_matrix"]
         qwk = metrics.get("val_qwk", -metrics["train_loss"])

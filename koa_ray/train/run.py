@@ -23,9 +23,9 @@ def data_info(cfg: TrainConfig, manifest: dict | None = None) -> tuple[DataInfo,
         raise ValueError(f"{cfg.data}: prepared data has no 'train' split (splits: {manifest['splits']})")
     counts = np.array([manifest["counts"]["train"].get(str(g), 0) for g in range(NUM_CLASSES)], np.int64)
     weights = sampling_weights(counts, cfg.balance)
+    seen = sampled_counts(counts, cfg.balance)
     info = DataInfo(train_counts=tuple(int(c) for c in counts), n_train=int(counts.sum()), prep=manifest["prep"],
-                    epoch_samples=int(round(float((weights * counts).sum()))),
-                    epoch_counts=tuple(float(c) for c in sampled_counts(counts, cfg.balance)))
+                    epoch_samples=int(round(float(seen.sum()))), epoch_counts=tuple(float(c) for c in seen))
     return info, weights
 
 
