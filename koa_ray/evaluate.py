@@ -41,7 +41,7 @@ class EvalActor:
                          self.p.grades(probs))
         from koa_ray.score import score_rows
 
-        scored = score_rows(self.p, batch["path"].tolist(), self.tta)
+        scored = score_rows(self.p, batch["path"].tolist(), self.tta, batch.get("side"))
         labels = dict(zip(batch["path"], batch["label"]))
         scored["label"] = scored["path"].map(labels).astype(int)
         return scored.rename(columns={})[[c for c in PRED_COLUMNS]]
@@ -77,6 +77,7 @@ def predict_split(checkpoint: str, data: str | Path, split: str, tta: bool, batc
         from koa_ray.data.ingest import WHOLE
 
         rows = discover(data, make_split=False)
+        side_from_manifest = bool(rows.attrs.get("side_from_manifest"))
         rows = rows[rows["label"] >= 0]
         if (rows["split"] == WHOLE).all() and not rows.empty:
             # no split in the input (e.g. DIR/{0..4}/*): an external test set, evaluated whole, never re-split
@@ -86,7 +87,9 @@ def predict_split(checkpoint: str, data: str | Path, split: str, tta: bool, batc
             rows = rows[rows["split"] == split]
         if rows.empty:
             raise ValueError(f"{data} has no labelled images in split {split!r}")
-        ds = ray.data.from_pandas(frame_blocks(rows[["path", "label"]], batch_size))
+        # a manifest's side column decides mirroring as it did at prepare time; otherwise the checkpoint's regex
+        rows = rows.assign(side=rows["side"] if side_from_manifest else "")
+        ds = ray.data.from_pandas(frame_blocks(rows[["path", "label", "side"]], batch_size))
     ds = ds.map_batches(EvalActor, fn_constructor_kwargs={"checkpoint": ckpt, "tta": tta, "use_gpu": gpu},
                         batch_size=batch_size, batch_format="pandas", concurrency=concurrency,
                         num_gpus=1 if gpu else 0, num_cpus=0.5 if not gpu else 1)

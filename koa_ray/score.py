@@ -26,14 +26,16 @@ def _error_row(path: str, reason: str, model: str) -> dict:
             "x0": -1, "y0": -1, "x1": -1, "y1": -1, "side": "", "roi_fallback": False, "model": model}
 
 
-def score_rows(predictor, paths, tta: bool = False) -> pd.DataFrame:
-    """Score a list of files with a loaded :class:`~koa_ray.inference.Predictor` (no Ray)."""
+def score_rows(predictor, paths, tta: bool = False, sides=None) -> pd.DataFrame:
+    """Score a list of files with a loaded :class:`~koa_ray.inference.Predictor` (no Ray). ``sides``: optional
+    'L'/'R'/'' per path (from a manifest); empty means the side is parsed from the file name."""
     from koa_ray.data.decode import DecodeError
 
     rows, knees = [], []
-    for path in paths:
+    sides = [""] * len(paths) if sides is None else list(sides)
+    for path, side in zip(paths, sides):
         try:
-            knees.extend(predictor.knees_from_file(str(path)))
+            knees.extend(predictor.knees_from_file(str(path), side=side or None))
         except DecodeError as e:
             rows.append(_error_row(str(path), e.reason, predictor.model_id))
         except Exception as e:  # noqa: BLE001 - recorded per file; the job goes on
@@ -62,7 +64,7 @@ class ScoreActor:
         self.tta = tta
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return score_rows(self.predictor, batch["path"].tolist(), self.tta)
+        return score_rows(self.predictor, batch["path"].tolist(), self.tta, batch.get("side"))
 
 
 def _read_table(path: Path) -> pd.DataFrame:
@@ -106,7 +108,7 @@ def score(inputs: list[str], checkpoint: str, out: str | Path, *, batch_size: in
     """
     import ray
 
-    from koa_ray.data.ingest import expand_inputs
+    from koa_ray.data.ingest import expand_inputs, manifest_sides
     from koa_ray.runtime import cluster_gpus, frame_blocks, init_ray
     from koa_ray.train.checkpoint import resolve_checkpoint
 
@@ -129,7 +131,9 @@ def score(inputs: list[str], checkpoint: str, out: str | Path, *, batch_size: in
     if todo:
         init_ray(address)
         gpu = bool(cluster_gpus() > 0) if use_gpu is None else use_gpu
-        ds = ray.data.from_pandas(frame_blocks(pd.DataFrame({"path": todo}), batch_size)).map_batches(
+        sides = manifest_sides(inputs)
+        todo_df = pd.DataFrame({"path": todo, "side": [sides.get(f, "") for f in todo]})
+        ds = ray.data.from_pandas(frame_blocks(todo_df, batch_size)).map_batches(
             ScoreActor, fn_constructor_kwargs={"checkpoint": ckpt, "use_gpu": gpu, "tta": tta},
             batch_size=batch_size, batch_format="pandas", concurrency=concurrency, num_gpus=1 if gpu else 0,
             num_cpus=0.5 if not gpu else 1)

@@ -148,3 +148,37 @@ def test_shipped_recipes_load_and_validate(name):
     cfg = load_train_config(Path(__file__).resolve().parents[1] / "configs" / name)
     assert cfg.model.arch == "densenet121" and cfg.loss.alpha == "none" and cfg.augment.hflip_p == 0.0
     assert cfg.augment.grade_strength == [1.0] * 5
+
+
+def test_mixed_precision_choice_per_device():
+    """auto: bf16 on CUDA only; bf16 on any device; fp16 on a CPU fails with the fix in the message; validation on
+    the CPU stays fp32 (the precision evaluate/score use)."""
+    from koa_ray.train.loop import autocast_dtype, eval_autocast_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_dtype(TrainConfig(amp="auto"), cpu) is None
+    assert autocast_dtype(TrainConfig(amp="auto"), cuda) is torch.bfloat16
+    assert autocast_dtype(TrainConfig(amp="bf16"), cpu) is torch.bfloat16
+    assert autocast_dtype(TrainConfig(amp="off"), cuda) is None
+    assert autocast_dtype(TrainConfig(amp="fp16"), cuda) is torch.float16
+    with pytest.raises(ValueError, match="amp='fp16' needs a CUDA device.*bf16"):
+        autocast_dtype(TrainConfig(amp="fp16"), cpu)
+    assert eval_autocast_dtype(torch.bfloat16, cpu) is None
+    assert eval_autocast_dtype(torch.bfloat16, cuda) is torch.bfloat16
+
+
+def test_bf16_cpu_training_learns_and_checkpoint_matches_fp32_inference(prepared, tmp_path):
+    """amp=bf16 on the CPU (the CPU recipe) trains, and the val figures it logs are the fp32 figures that the saved
+    checkpoint reproduces."""
+    from koa_ray.train.local import fit_local
+
+    cfg = TrainConfig(data=str(prepared), out=str(tmp_path), name="bf16", epochs=1, amp="bf16", channels_last=True,
+                      **TINY)
+    fit_local(cfg)
+    history = pd.read_csv(tmp_path / "bf16" / "metrics.csv")
+    assert np.isfinite(history["train_loss"]).all()
+    ckpt = resolve_checkpoint(tmp_path / "bf16")
+    y, pred, meta = val_predictions(ckpt, prepared)
+    assert meta["train_config"]["amp"] == "bf16"
+    m = classification_metrics(y, pred)
+    assert m["confusion_matrix"] == meta["metrics"]["val_confusion_matrix"]

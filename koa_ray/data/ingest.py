@@ -147,6 +147,24 @@ def expand_inputs(inputs: list[str] | str) -> list[str]:
     return unique
 
 
+def manifest_sides(inputs: list[str] | str) -> dict[str, str]:
+    """Side ('L'/'R') per path from the ``side`` column of any CSV/Parquet manifest among ``inputs`` (paths as
+    :func:`expand_inputs` gives them). Inference passes these to the predictor so that a knee whose side came from a
+    manifest at training time is mirrored the same way when scored; files without one fall back to the file name."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [str(inputs)]
+    sides: dict[str, str] = {}
+    for item in inputs:
+        p = Path(os.path.abspath(item))
+        if p.suffix.lower() in (".csv", ".parquet") and p.is_file():
+            df = _read_manifest(p)
+            if "side" in df:
+                for path, side in zip(df["path"], df["side"].fillna("").astype(str).str.upper()):
+                    if side in ("L", "R"):
+                        sides[path] = side
+    return sides
+
+
 def patient_split(df: pd.DataFrame, cfg: IngestConfig = IngestConfig()) -> pd.Series:
     """Assign ``train/val/test`` per patient, stratified by each patient's highest grade.
 
