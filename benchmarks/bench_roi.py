@@ -6,6 +6,9 @@ Inputs per size (224 / 512 / 1000 px image height):
   * 224: real 224 px OAI crops from ../shared/data/knee-kl224 (synthetic ``render_knee`` crops if absent);
   * 512, 1000: synthetic bilateral radiographs (``render_bilateral``, width 1.6-2.2x height) and real crops embedded
     in a square-ish canvas of that size (``embed_in_canvas``), when ../shared exists.
+Held-out films (tests/films.py, generators the detector was not tuned on): real crops stitched into legs, and drawn
+anatomy incl. long-leg films, 400-3000 px, 8/16-bit, with rulers, calibration spheres and burned-in text; mean IoU
+for single and bilateral films, the share of bilateral films found as two knees, and img/s on 1000 px films.
 Throughput is wall-clock images/s of ``detect_knees`` with OpenCV limited to 1 thread and the process pinned to one
 CPU; IoU is the mean over the same images. The "test sets" section repeats exactly the accuracy checks of
 tests/test_roi.py.
@@ -31,6 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 from koa_ray.data.roi import box_iou, detect_knees  # noqa: E402
 from koa_ray.data.synthetic import embed_in_canvas, render_bilateral, render_knee  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tests"))
+from films import drawn_film, stitched_film  # noqa: E402  (held-out generators, not used to tune the detector)
 
 REAL = ROOT / ".." / "shared" / "data" / "knee-kl224"
 
@@ -73,6 +79,37 @@ def mean_iou(images, truths) -> float:
     return float(np.mean(ious))
 
 
+def held_out(gen: str, n: int, seed: int, height: int | None = None):
+    """``n`` single and ``n`` bilateral films (drawn: every 4th bilateral one a long-leg film) from tests/films.py."""
+    right, left = sorted(REAL.glob("val/*/*R.jpg")), sorted(REAL.glob("val/*/*L.jpg"))
+    for i in range(2 * n):
+        rng = np.random.default_rng(seed + i)
+        two = i % 2 == 1
+        kw = {"height": height or int(rng.integers(400, 3001)), "bits": 16 if i % 4 == 3 else 8}
+        if gen == "stitched":
+            crops = [read(right[(7 * i) % len(right)])] + ([read(left[(11 * i) % len(left)])] if two else [])
+            yield stitched_film(crops, rng, **kw)
+        else:
+            yield drawn_film(rng, bilateral=two, long_leg=two and i % 8 == 7, **kw)
+
+
+def held_out_scores(films) -> dict:
+    single, bilateral, two, one, sides = [], [], [], [], []
+    for img, truth in films:
+        boxes = detect_knees(img)
+        if len(truth) == 2:
+            two.append(len(boxes) == 2)
+            sides.append([b.side for b in boxes] == ["R", "L"])
+        else:
+            one.append(len(boxes) == 1)
+        for t in truth:
+            iou = max(box_iou(b, (t["x0"], t["y0"], t["x1"], t["y1"])) for b in boxes)
+            (bilateral if len(truth) == 2 else single).append(iou)
+    return {"single_iou": float(np.mean(single)), "bilateral_iou": float(np.mean(bilateral)),
+            "two_knee_rate": float(np.mean(two)), "sides_rl": float(np.mean(sides)),
+            "single_kept_whole": float(np.mean(one)), "n_films": len(one) + len(two)}
+
+
 def central_third(paths: list[Path]) -> tuple[int, int]:
     inside = 0
     for p in paths:
@@ -87,6 +124,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=2.0, help="timing duration per input set")
     ap.add_argument("--n", type=int, default=12, help="images per input set")
+    ap.add_argument("--held-out", type=int, default=40, help="films per kind and held-out generator")
+    ap.add_argument("--json", default="bench_out/roi.json", help="held-out figures as JSON ('' for none)")
     args = ap.parse_args()
 
     cv2.setNumThreads(1)
@@ -123,6 +162,22 @@ def main() -> None:
         hw = f"{int(np.median([i.shape[0] for i in ims]))}x{int(np.median([i.shape[1] for i in ims]))}"
         acc = note if truths is None else f"mean IoU {mean_iou(ims, truths):.3f}"
         print(f"{size:>5}  {name:<20} {hw:>13} {len(ims):>3}  {ips:7.1f}  {cpu_ms:10.1f}  {acc}")
+
+    # --- held-out films (tests/films.py): generators the detector was not tuned on
+    print(f"\nheld-out films, {args.held_out} single + {args.held_out} bilateral per generator, 400-3000 px, "
+          "a quarter 16-bit, rulers / spheres / text (targets: IoU >= 0.85, two-knee >= 95 %):")
+    results = {}
+    for gen in (["stitched"] if have_real else []) + ["drawn"]:
+        r = held_out_scores(held_out(gen, args.held_out, seed=9000))
+        thousand = [im for im, _ in held_out(gen, 6, seed=9100, height=1000)]
+        r["img_per_s_1000px"], r["cpu_ms_1000px"] = throughput(thousand, args.seconds)
+        results[gen] = r
+        print(f"  {gen:<9} single IoU {r['single_iou']:.3f}  bilateral IoU {r['bilateral_iou']:.3f}  "
+              f"two-knee {100 * r['two_knee_rate']:.0f} %  R/L order {100 * r['sides_rl']:.0f} %  "
+              f"single kept whole {100 * r['single_kept_whole']:.0f} %  | 1000 px: {r['img_per_s_1000px']:.1f} img/s")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(__import__("json").dumps(results, indent=2))
 
     # --- the accuracy sets of tests/test_roi.py
     print("\ntest sets (tests/test_roi.py):")

@@ -58,7 +58,7 @@ def cmd_prepare(a) -> int:
 def cmd_roi(a) -> int:
     from koa_ray.data.locate import locate_knees
 
-    boxes, errors = locate_knees(a.inputs, _roi_config(a), _ingest_config(a))
+    boxes, errors = locate_knees(a.inputs, _roi_config(a), _ingest_config(a), draw=a.draw)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     boxes.to_csv(out, index=False)
@@ -66,6 +66,8 @@ def cmd_roi(a) -> int:
     errors.to_csv(err_path, index=False)
     print(f"{len(boxes)} knee boxes from {boxes['path'].nunique()} images -> {out}; "
           f"{int(boxes['roi_fallback'].sum())} fallback crops; {len(errors)} unreadable -> {err_path}")
+    if a.draw:
+        print(f"drawn boxes: {a.draw}/<image name>.png (green: joint found, orange: fallback crop)")
     return 0
 
 
@@ -206,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("roi", help="detect knee-joint boxes and write them to CSV")
     s.add_argument("inputs", nargs="+", help="files, folders (recursive), globs or manifests")
     s.add_argument("--out", required=True, help="boxes CSV: path,x0,y0,x1,y1,side,score,roi_fallback")
+    s.add_argument("--draw", metavar="DIR", help="also write each image with its boxes, sides and scores drawn")
     _add_roi(s)
     _add_ingest(s)
     s.set_defaults(fn=cmd_roi)

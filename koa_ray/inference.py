@@ -33,6 +33,7 @@ class Knee:
     y1: int = -1
     side: str = ""
     roi_fallback: bool = False
+    roi_score: float = 0.0
     label: int = -1
 
 
@@ -62,10 +63,17 @@ class Predictor:
         """Decode and crop one file with the checkpoint's preprocessing; raises :class:`DecodeError` for unreadable
         input. ``side`` ('L'/'R', e.g. from a manifest) overrides the side parsed from the file name with the
         recorded ``patient_regex``."""
-        img = read_image(path, min_side=self.prep.min_side)
+        return self.knees_from_image(self.read(path), path, side)
+
+    def read(self, path: str) -> np.ndarray:
+        """Decode ``path`` as the checkpoint's preprocessing does; raises :class:`DecodeError`."""
+        return read_image(path, min_side=self.prep.min_side)
+
+    def knees_from_image(self, img: np.ndarray, path: str, side: str | None = None) -> list[Knee]:
+        """:meth:`knees_from_file` for an already decoded image (``path`` names it and gives the side)."""
         side_hint = side if side in ("L", "R") else parse_patient_side(path, self.side_source["patient_regex"])[1]
         return [Knee(path, crop, b.x0, b.y0, b.x1, b.y1, b.side if b.side in ("L", "R") else side_hint,
-                     bool(b.fallback)) for crop, b in knee_crops(img, self.prep, side_hint)]
+                     bool(b.fallback), float(b.score)) for crop, b in knee_crops(img, self.prep, side_hint)]
 
     def inputs(self, crops: np.ndarray, flip: bool = False) -> torch.Tensor:
         x = self.eval_preset.transform(crops)

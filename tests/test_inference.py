@@ -3,13 +3,22 @@
 import json
 import shutil
 import tracemalloc
+from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from koa_ray.score import SCORE_COLUMNS, score
+
+try:
+    from films import stitched_film
+except ImportError:  # tests/ imported as a package
+    from tests.films import stitched_film
+
+REAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "knee-kl224"
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +127,13 @@ def test_gradcam_job_writes_overlays_and_index(ray_session, tiny_run, score_inpu
         assert cam.shape == (64, 64) and np.isfinite(cam).all()
     html = (tmp_path / "cam" / "index.html").read_text()
     assert "Predicted KL" in html and "broken.jpg" in html
+    # every overlay comes with the whole image and its knee box(es), shown in the contact sheet
+    assert (ok.groupby("path")["film"].nunique() == 1).all()
+    bi = ok[ok.path.str.contains("/bi/")]
+    assert bi.groupby("path")["side"].apply(lambda s: "".join(sorted(s))).tolist() == ["LR", "LR"]
+    for r in ok.drop_duplicates("film").itertuples():
+        assert f"src='{r.film}'" in html
+        assert cv2.imread(str(tmp_path / "cam" / r.film)) is not None
 
 
 def test_evaluate_prepared_and_raw(ray_session, tiny_run, prepared, synth_dir, tmp_path):
@@ -204,3 +220,58 @@ def test_raw_file_and_prepared_crop_give_the_same_probabilities(tiny_run, prepar
     # the mirroring matters: an un-mirrored left knee is a different input
     left = decode_image_column(table["image"].tolist()[:1], table["size"].to_numpy()[:1])
     assert not np.allclose(p.predict(left[:, :, ::-1].copy()), from_parquet[:1], atol=1e-5)
+
+
+def test_score_takes_the_side_from_a_manifest(ray_session, tiny_run, synth_dir, tmp_path):
+    """A knee whose side is given by a manifest's ``side`` column (its file name carries none) is mirrored as the
+    same knee under its OAI-style name: same side, same probabilities; without the manifest it is not mirrored."""
+    from koa_ray.score import score
+
+    run, _ = tiny_run
+    left = sorted(p for p in (synth_dir / "val").rglob("*.png") if p.stem.endswith("L"))[:2]
+    assert len(left) == 2
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for i, f in enumerate(left):
+        shutil.copy(f, plain / f"knee_{i}.png")
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({"path": [f"plain/knee_{i}.png" for i in range(2)], "side": ["L", "l"]}).to_csv(manifest,
+                                                                                                  index=False)
+    cols = [f"p{g}" for g in range(5)]
+    named = pd.read_csv(score([str(f) for f in left], str(run), tmp_path / "named.csv")["out"])
+    via_manifest = pd.read_csv(score([str(manifest)], str(run), tmp_path / "manifest.csv")["out"])
+    bare = pd.read_csv(score([str(plain)], str(run), tmp_path / "bare.csv")["out"], keep_default_na=False)
+    named, via_manifest, bare = (d.sort_values("path").reset_index(drop=True) for d in (named, via_manifest, bare))
+    assert named["side"].tolist() == via_manifest["side"].tolist() == ["L", "L"]
+    np.testing.assert_allclose(via_manifest[cols].to_numpy(), named[cols].to_numpy(), atol=1e-6)
+    assert bare["side"].tolist() == ["", ""]  # side unknown: not mirrored
+    assert not np.allclose(bare[cols].to_numpy(), named[cols].to_numpy(), atol=1e-5)
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="real knee-kl224 crops (../shared) not available")
+def test_bilateral_film_of_real_knees_gives_two_knees_everywhere(ray_session, tiny_run, tmp_path):
+    """A bilateral film built from two real knees: ``koa roi``, ``koa score`` and ``koa gradcam`` each see two knees,
+    the patient's right on the image-left, with the same boxes."""
+    from koa_ray.cli import main
+    from koa_ray.data.roi import box_iou
+    from koa_ray.explain.gradcam import run_gradcam
+
+    run, _ = tiny_run
+    right, left = sorted(REAL.glob("val/2/*R.jpg"))[0], sorted(REAL.glob("val/3/*L.jpg"))[0]
+    img, truth = stitched_film([cv2.imread(str(right), 0), cv2.imread(str(left), 0)], np.random.default_rng(11),
+                               height=1200)
+    film = tmp_path / "in" / "bilateral_film.png"
+    film.parent.mkdir()
+    cv2.imwrite(str(film), img)
+    assert main(["roi", str(film), "--out", str(tmp_path / "boxes.csv")]) == 0
+    boxes = pd.read_csv(tmp_path / "boxes.csv")
+    assert boxes["side"].tolist() == ["R", "L"] and not boxes["roi_fallback"].any()
+    for b, t in zip(boxes.itertuples(), truth):  # each box on its knee (box accuracy itself: tests/test_roi.py)
+        assert t["x0"] < (b.x0 + b.x1) / 2 < t["x1"] and t["y0"] < (b.y0 + b.y1) / 2 < t["y1"]
+        assert box_iou((b.x0, b.y0, b.x1, b.y1), (t["x0"], t["y0"], t["x1"], t["y1"])) >= 0.4
+    cols = ["side", "x0", "y0", "x1", "y1"]
+    scored = pd.read_csv(score([str(film)], str(run), tmp_path / "s.csv")["out"])
+    assert scored[cols].values.tolist() == boxes[cols].values.tolist()
+    run_gradcam([str(film)], str(run), tmp_path / "cam", batch_size=2)
+    cams = pd.read_csv(tmp_path / "cam" / "index.csv", keep_default_na=False)
+    assert cams.sort_values("knee")[cols].values.tolist() == boxes[cols].values.tolist()

@@ -26,8 +26,12 @@ pixels, ``x1``/``y1`` exclusive; a box may extend past the image border (:func:`
 Speed: everything runs on a <= ``work_size`` px copy with a handful of OpenCV/numpy passes and a 1-D dynamic
 programme over <= ``_PATH_COLS`` columns: ~5-15 ms per image on one CPU core for 224-2000 px inputs.
 
-Bilateral radiographs (wide images) are split between the legs at the darkest column near the middle and each half
-is analysed as one knee: image-left = patient's right knee ('R'), image-right = left knee ('L').
+**One knee or two** (bilateral PA films): thin bright marks (text, markers, ruler ticks) are first removed by a grey
+opening; the per-column median profile is searched for a dark gap between two leg-wide bright bands; each side of
+it is analysed as one knee, and the pair is kept when the gap is as dark as the background or the two joints are
+alike and end clear of the gap (:func:`detect_knees`). Image-left = patient's right knee ('R'), image-right = left
+knee ('L'). Measured on held-out films made by generators the detector was not tuned on (``tests/films.py``):
+``benchmarks/bench_roi.py``.
 """
 
 from __future__ import annotations
@@ -38,10 +42,22 @@ import cv2
 import numpy as np
 
 SIDES = ("L", "R", "U")
-BILATERAL_ASPECT = 1.4  # width / height at or above which an image is a bilateral (two-knee) radiograph
+BILATERAL_ASPECT = 1.4  # width / height from which touching legs (no dark gap between them) may still be two knees
+_LEG_MIN_FRAC = 0.08  # a leg is at least this x the image width (narrower bright bands: rulers, strips)
+_LEG_CONTRAST = 0.15  # legs vs gap: the column profile spans at least this x the image's 1st-99th percentile range
+_LEG_LEVEL = 0.5  # ... and reaches this fraction of the brightest column's height above the darkest
+_GAP_SURE = 0.45  # a gap this dark separates two legs whatever the joints found either side
+_GAP_DEPTH = 0.08  # a column-profile dip this deep (or a wide film) gets the two-knee hypothesis tested
+_BRIDGE_MAX = 0.6  # ... and the gap column above/below the joints darker than this x the bone level (not one knee)
+_MIN_REGION = 24  # px (work scale): smaller images or halves are not analysed (centred fallback)
+_PAIR_WIDTH_RATIO = 1.6  # two knees of one film: joint widths within this ratio ...
+_PAIR_DY = 0.6  # ... joint heights within this x their mean width ...
+_PAIR_CLEAR = -0.1  # ... and each joint line ending clear of the gap column (x its width; a cut knee fails)
 
 _REF_WORK = 256.0  # pixel constants below are for a 256 px working image and scale with the working size
 _SMOOTH_SIGMA = 1.0  # px, denoising before the valley map
+_MARK_FRAC = 0.02  # opening disc / shorter side: bright strokes thinner than this are removed (text, ticks)
+_AIR_FRAC = 0.6  # ... and marks on air (opened image below this x its Otsu level) with a disc twice that size
 _VALLEY_OFFSETS = (2, 3, 5, 8, 12, 17)  # px, pass 1: distances above/below probed for the bright bones
 _VALLEY_OFFSETS_REL = (0.025, 0.04, 0.06, 0.085)  # pass 2: the same, as fractions of the joint-line extent
 _WIN_X, _WIN_Y = 0.25, 0.3  # pass 2 window around the pass-1 joint line (each side), fractions of its extent
@@ -169,6 +185,9 @@ class _Joint:
     score: float
 
 
+_NOT_FOUND = _Joint(0.0, 0.0, 0.0, 0.0)  # searched, nothing found (distinct from "not searched yet")
+
+
 # ------------------------------------------------------------------------------------------------ helpers
 def _is_real(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_)) \
@@ -222,16 +241,100 @@ def _to_work(gray: np.ndarray, work_size: int) -> tuple[np.ndarray, float]:
         while min(src.shape) >= 2 * work_size:  # Gaussian pyramid for the bulk: much cheaper than INTER_AREA
             src = cv2.pyrDown(src)
         src = cv2.resize(src, size, interpolation=cv2.INTER_AREA)
+    src = _suppress_marks(src)
     sigma = _SMOOTH_SIGMA * min(work_size, min(src.shape)) / _REF_WORK
     return cv2.GaussianBlur(src.astype(np.float32), (0, 0), max(sigma, 0.5)), scale
 
 
-def _split_bilateral(work: np.ndarray) -> int:
-    """Column between the two legs: the darkest (smoothed column mean) column in the central 30-70 %."""
+def _suppress_marks(src: np.ndarray) -> np.ndarray:
+    """Remove thin bright marks (burned-in text, lead markers, ruler ticks) whose rows of letters would otherwise
+    read as dark bands between bright bands, i.e. as joint lines: a grey-level opening with a disc ~2 % of the
+    shorter side everywhere, and with one twice that size where the mark sits on air (below the Otsu level of the
+    opened image; bold text in a film's corner). Bones are wider than the discs and the joint space is dark, so
+    neither is changed by it."""
+    def opened(frac: float) -> np.ndarray:
+        k = max(3, int(round(frac * min(src.shape)))) | 1
+        return cv2.morphologyEx(src, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+
+    small, big = opened(_MARK_FRAC), opened(2 * _MARK_FRAC)
+    level, _ = cv2.threshold(big, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return np.where(big < _AIR_FRAC * level, big, small)
+
+
+def _leg_gap(work: np.ndarray) -> tuple[int, float]:
+    """The most likely column between two legs and how clearly it separates them.
+
+    Column profile = per-column median over rows (bone and soft tissue bright, air dark; robust to the pelvis,
+    text and markers which cover few rows), smoothed. The gap is the column of the central 25-75 % whose profile is
+    deepest below the lower of the brightest columns on its left and on its right; its depth is that drop relative
+    to the range between that level and the darkest column (0: no dip, 1: the gap is as dark as the background)."""
     w = work.shape[1]
-    prof = cv2.GaussianBlur(work.mean(axis=0).reshape(1, -1), (0, 0), max(w / 60.0, 1.0)).ravel()
-    lo, hi = int(0.3 * w), int(0.7 * w)
-    return lo + int(np.argmin(prof[lo:hi]))
+    prof = cv2.GaussianBlur(np.median(work[::2], axis=0).reshape(1, -1).astype(np.float32), (0, 0),
+                            max(w / 80.0, 1.0))
+    # 1-D opening: bright bands narrower than a leg (a ruler along the edge, a marker strip) are no leg
+    k = max(3, int(_LEG_MIN_FRAC * w)) | 1
+    prof = cv2.morphologyEx(prof, cv2.MORPH_OPEN, np.ones((1, k), np.uint8)).ravel()
+    left_max = np.maximum.accumulate(prof)
+    right_max = np.maximum.accumulate(prof[::-1])[::-1]
+    lo, hi = int(0.25 * w), max(int(0.75 * w), int(0.25 * w) + 1)
+    shoulders = np.minimum(left_max, right_max)
+    drop = shoulders - prof
+    cut = lo + int(np.argmax(drop[lo:hi]))
+    floor, top = float(prof.min()), float(prof.max())
+    lo_i, hi_i = np.percentile(work[::4, ::4], (1, 99))
+    if top - floor < _LEG_CONTRAST * max(float(hi_i - lo_i), 1.0):  # flat profile: noise, blank, one wide leg
+        return cut, 0.0
+    if shoulders[cut] < floor + _LEG_LEVEL * (top - floor):  # one side holds no leg (background, a strip)
+        return cut, 0.0
+    return cut, float(drop[cut] / max(top - floor, 1e-6))
+
+
+def _bone_bridge(work: np.ndarray, left: "_Joint", right: "_Joint", cut: int) -> float:
+    """How bone-like the gap column is above and below the joints, relative to the bone over the two joint centres
+    at the same heights (1: as bright as that bone, 0: as dark as the background); the brighter of the two bands.
+    One knee cut in two has its tibial metaphysis (below) and femur (above the notch) running across the cut
+    (~1); two legs have soft tissue or air between their shafts."""
+    h, w = work.shape
+    wm = (left.width + right.width) / 2
+    cy = (left.cy + right.cy) / 2
+    half = max(1, int(0.03 * wm))
+    floor = float(np.percentile(work[::4, ::4], 2))
+    best = 0.0
+    for r0, r1 in ((cy - 0.9 * wm, cy - 0.5 * wm), (cy + 0.3 * wm, cy + 0.9 * wm)):
+        rows = np.arange(max(0, int(r0)), min(h, int(r1)))
+        if rows.size < 2:
+            continue
+
+        def level(x: float) -> float:
+            a, b = max(0, int(x) - half), min(w, int(x) + half + 1)
+            return float(np.median(work[rows, a:b])) if b > a else 0.0
+
+        bone = min(level(left.cx), level(cut + right.cx))
+        best = max(best, (level(cut) - floor) / max(bone - floor, 1e-6))
+    return best
+
+
+def _pair_ok(work: np.ndarray, left: "_Joint | None", right: "_Joint | None", cut: int, depth: float,
+             min_score: float) -> bool:
+    """Whether joints found left and right of ``cut`` are two knees, not one knee cut in two: both confident,
+    similar in width and height, neither joint line crossing the cut, and no bone bridging the cut above and
+    below the joints (:func:`_bone_bridge`). A gap nearly as dark as the background decides alone: a knee not found
+    there is reported as a fallback box, not merged into its neighbour."""
+    found = [j is not None and j.score >= min_score for j in (left, right)]
+    if not all(found):  # a gap as dark as the background between two legs, one knee found: two knees
+        return any(found) and depth >= _GAP_SURE
+    if _bone_bridge(work, left, right, cut) >= _BRIDGE_MAX:  # bone across the cut: one knee, whatever the gap
+        return False
+    if depth >= _GAP_SURE:
+        return True
+    wl, wr = left.width, right.width
+    if max(wl, wr) > _PAIR_WIDTH_RATIO * min(wl, wr):
+        return False
+    if abs(left.cy - right.cy) > _PAIR_DY * (wl + wr) / 2:
+        return False
+    clear_l = cut - (left.cx + wl / 2)  # right joint is in cut-relative coordinates
+    clear_r = right.cx - wr / 2
+    return min(clear_l / wl, clear_r / wr) >= _PAIR_CLEAR
 
 
 def _valley_map(g: np.ndarray, offsets: tuple[int, ...]) -> np.ndarray:
@@ -405,15 +508,19 @@ def _fallback(x_lo: float, x_hi: float, h: int, side: str) -> KneeBox:
 def detect_knees(img: np.ndarray, cfg: RoiConfig = RoiConfig(), side_hint: str | None = None) -> list[KneeBox]:
     """Find the knee joint(s) in a grayscale radiograph.
 
-    A wide image (width >= ``BILATERAL_ASPECT`` x height) is a bilateral PA radiograph: it is split between the legs
-    and yields two boxes, image-left tagged 'R' (patient's right knee, radiological convention) then image-right
-    'L'; ``side_hint`` is ignored. Otherwise one box, tagged with ``side_hint`` ('L'/'R', e.g. parsed from an OAI
-    file name) or 'U'.
+    One knee or two is decided from the image, not from its shape: the column profile is searched for a dark gap
+    between two leg-wide bright bands (:func:`_leg_gap`), and the film is read as bilateral when the gap is as
+    dark as the background, or when joints found on both sides of it are alike in width and height and each ends
+    clear of the gap (:func:`_pair_ok`; touching legs on a wide film). A bilateral film yields two boxes, image-left
+    tagged 'R' (patient's right knee, radiological convention) then image-right 'L'; ``side_hint`` is ignored.
+    Otherwise one box, tagged with ``side_hint`` ('L'/'R', e.g. parsed from an OAI file name) or 'U'. Thin
+    bright marks (burned-in text, lead markers, ruler ticks) are removed before the search (:func:`_suppress_marks`).
 
     Each box is square, centred on the joint-space centre, side ``joint_width * (1 + cfg.margin)``. Where no joint
-    is found (or its score < ``cfg.min_score``) a centred square crop inside the image with ``fallback=True`` is
-    returned instead. With ``cfg.enabled=False`` the centred square of the whole image is returned (score 1, no
-    fallback). Deterministic; never raises and never returns an empty list for a valid 2-D image.
+    is found (or its score < ``cfg.min_score``) a centred square crop inside the image (or inside that leg's half)
+    with ``fallback=True`` is returned instead. With ``cfg.enabled=False`` the centred square of the whole image is
+    returned (score 1, no fallback). Deterministic; never raises and never returns an empty list for a valid 2-D
+    image.
     """
     gray = _as_gray(img)
     h, w = gray.shape
@@ -423,16 +530,21 @@ def detect_knees(img: np.ndarray, cfg: RoiConfig = RoiConfig(), side_hint: str |
         x0, y0 = (w - s) // 2, (h - s) // 2
         return [KneeBox(x0, y0, x0 + s, y0 + s, hint, 1.0, False)]
     work, scale = _to_work(gray, cfg.work_size)
-    ww = work.shape[1]
-    if w >= BILATERAL_ASPECT * h and ww >= 16:
-        cut = _split_bilateral(work)
-        regions = [(0, cut, "R"), (cut, ww, "L")]
-    else:
-        regions = [(0, ww, hint)]
-    ref = float(min(cfg.work_size, min(work.shape)))
+    hh, ww = work.shape
+    regions = [(0, ww, hint, None)]
+    wide = w >= BILATERAL_ASPECT * h
+    if min(hh, ww // 2) >= _MIN_REGION:  # one knee or two: decided from the image (joints either side of a leg gap)
+        cut, depth = _leg_gap(work)
+        if depth >= _GAP_DEPTH or wide:
+            left, right = (_find_joint(work[:, a:b], float(min(cfg.work_size, hh, b - a)))
+                           for a, b in ((0, cut), (cut, ww)))
+            if _pair_ok(work, left, right, cut, depth, cfg.min_score):
+                regions = [(0, cut, "R", left or _NOT_FOUND), (cut, ww, "L", right or _NOT_FOUND)]
     boxes = []
-    for xa, xb, side in regions:
-        joint = _find_joint(work[:, xa:xb], ref) if min(xb - xa, work.shape[0]) >= 8 else None
+    for xa, xb, side, joint in regions:
+        if joint is None and min(xb - xa, hh) >= _MIN_REGION:
+            joint = _find_joint(work[:, xa:xb], float(min(cfg.work_size, hh, xb - xa)))
+        joint = None if joint is _NOT_FOUND else joint
         score = round(joint.score, 4) if joint is not None else 0.0
         if joint is None or score < cfg.min_score:
             boxes.append(_fallback(xa / scale if xa else 0.0, w if xb == ww else xb / scale, h, side))
@@ -466,4 +578,28 @@ def crop_knee(img: np.ndarray, box: KneeBox, size: int, mirror_left: bool = True
     out = cv2.resize(patch, (int(size), int(size)), interpolation=interp)
     if mirror_left and box.side == "L":
         out = np.ascontiguousarray(out[:, ::-1])
+    return out
+
+
+def draw_boxes(img: np.ndarray, boxes: list[KneeBox], max_side: int = 1024) -> np.ndarray:
+    """An 8-bit BGR picture of ``img`` (downscaled so its longer side is at most ``max_side``) with each box drawn
+    and labelled with its side and score: green for a detected joint, orange for a fallback crop (no joint found,
+    check by eye)."""
+    gray = _to_uint8(_as_gray(img))
+    h, w = gray.shape
+    s = min(1.0, max_side / float(max(h, w)))
+    if s < 1.0:
+        gray = cv2.resize(gray, (max(1, int(round(w * s))), max(1, int(round(h * s)))), interpolation=cv2.INTER_AREA)
+    out = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+    th = max(1, int(round(max(out.shape) / 300)))
+    for b in boxes:
+        colour = (0, 140, 255) if b.fallback else (60, 200, 60)
+        p0, p1 = (int(b.x0 * s), int(b.y0 * s)), (int(b.x1 * s) - 1, int(b.y1 * s) - 1)
+        cv2.rectangle(out, p0, p1, colour, th)
+        label = f"{b.side} {b.score:.2f}" + (" fallback" if b.fallback else "")
+        fs = max(0.4, max(out.shape) / 1400)
+        (tw, tht), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, fs, th)
+        x, y = max(0, p0[0]), max(tht + base, p0[1] - 2 * th)
+        cv2.rectangle(out, (x, y - tht - base), (x + tw, y + base // 2), colour, -1)
+        cv2.putText(out, label, (x, y - base // 2), cv2.FONT_HERSHEY_SIMPLEX, fs, (0, 0, 0), th, cv2.LINE_AA)
     return out

@@ -18,7 +18,8 @@ import pandas as pd
 import torch
 
 METHODS = ("gradcam", "gradcam++", "eigencam", "layercam")
-GRADCAM_COLUMNS = ["path", "status", "error", "knee", "side", "grade", "probability", "target", "overlay", "npy"]
+GRADCAM_COLUMNS = ["path", "status", "error", "knee", "side", "grade", "probability", "target", "overlay", "npy",
+                   "x0", "y0", "x1", "y1", "roi_fallback", "film"]
 
 
 def _cam_class(method: str):
@@ -103,11 +104,22 @@ class GradCamActor:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from koa_ray.data.decode import DecodeError
 
+        import cv2
+
+        from koa_ray.data.roi import KneeBox, draw_boxes
+
         rows, knees = [], []
-        for path in batch["path"]:
+        films: dict[str, str] = {}  # path -> picture of the whole image with its knee boxes
+        for path, side in zip(batch["path"], batch.get("side", [""] * len(batch))):
             try:
-                ks = self.p.knees_from_file(str(path))
+                img = self.p.read(str(path))
+                ks = self.p.knees_from_image(img, str(path), side=side or None)
                 knees.extend((k, i) for i, k in enumerate(ks))
+                film = self.out / f"{_stem(str(path), 0, '')}_film.png"
+                boxes = [KneeBox(k.x0, k.y0, k.x1, k.y1, k.side or "U", k.roi_score, bool(k.roi_fallback))
+                         for k in ks]
+                cv2.imwrite(str(film), draw_boxes(img, boxes, max_side=400))
+                films[str(path)] = film.name
             except DecodeError as e:
                 rows.append(_error(str(path), e.reason))
             except Exception as e:  # noqa: BLE001 - recorded per file
@@ -134,7 +146,8 @@ class GradCamActor:
                     npy = f"{stem}.npy"
                 rows.append({"path": k.path, "status": "ok", "error": "", "knee": i, "side": k.side,
                              "grade": int(pred), "probability": float(prob[pred]), "target": int(tgt),
-                             "overlay": png.name, "npy": npy})
+                             "overlay": png.name, "npy": npy, "x0": k.x0, "y0": k.y0, "x1": k.x1, "y1": k.y1,
+                             "roi_fallback": bool(k.roi_fallback), "film": films.get(k.path, "")})
         return pd.DataFrame(rows, columns=GRADCAM_COLUMNS)
 
 
@@ -150,7 +163,8 @@ def parse_target(target: str | int) -> int | None:
 
 def _error(path: str, reason: str) -> dict:
     return {"path": path, "status": "error", "error": reason, "knee": -1, "side": "", "grade": -1,
-            "probability": np.nan, "target": -1, "overlay": "", "npy": ""}
+            "probability": np.nan, "target": -1, "overlay": "", "npy": "", "x0": -1, "y0": -1, "x1": -1, "y1": -1,
+            "roi_fallback": False, "film": ""}
 
 
 def _write_png(path: Path, rgb: np.ndarray) -> None:
@@ -162,19 +176,25 @@ def _write_png(path: Path, rgb: np.ndarray) -> None:
 
 
 def contact_sheet(rows: pd.DataFrame, out_html: Path, title: str = "Grad-CAM") -> None:
-    """``index.html``: overlays grouped by predicted grade, errors listed at the end."""
+    """``index.html``: overlays grouped by predicted grade, each with the whole image and its knee box(es) below
+    (to check the ROI by eye), errors listed at the end."""
     parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
              "body{font-family:sans-serif} figure{display:inline-block;margin:4px;width:200px}"
-             "img{width:200px} figcaption{font-size:11px;word-break:break-all}</style></head><body>",
+             "img{width:200px} img.film{width:200px;margin-top:2px} figcaption{font-size:11px;word-break:break-all}"
+             "</style></head><body>",
              f"<h1>{html.escape(title)}</h1>"]
     ok = rows[rows.status == "ok"]
     for g in range(5):
         sel = ok[ok.grade == g]
         parts.append(f"<h2>Predicted KL{g} ({len(sel)})</h2>")
         for r in sel.itertuples():
-            parts.append(f"<figure><img src='{html.escape(r.overlay)}' loading='lazy'><figcaption>"
+            film = getattr(r, "film", "")
+            film_img = (f"<img class='film' src='{html.escape(film)}' loading='lazy' "
+                        f"title='knee box on the whole image'>" if isinstance(film, str) and film else "")
+            fallback = " <b>ROI fallback</b>" if bool(getattr(r, "roi_fallback", False)) else ""
+            parts.append(f"<figure><img src='{html.escape(r.overlay)}' loading='lazy'>{film_img}<figcaption>"
                          f"{html.escape(Path(r.path).name)} {html.escape(str(r.side))} p={r.probability:.2f}"
-                         "</figcaption></figure>")
+                         f"{fallback}</figcaption></figure>")
     err = rows[rows.status == "error"]
     if len(err):
         parts.append(f"<h2>Errors ({len(err)})</h2><ul>")
@@ -190,7 +210,7 @@ def run_gradcam(inputs: list[str], checkpoint: str, out: str | Path, *, method: 
     """Batch Grad-CAM over files on a Ray Data actor pool; writes overlays, ``index.csv`` and ``index.html``."""
     import ray
 
-    from koa_ray.data.ingest import expand_inputs
+    from koa_ray.data.ingest import expand_inputs, manifest_sides
     from koa_ray.runtime import cluster_gpus, frame_blocks, init_ray
     from koa_ray.train.checkpoint import resolve_checkpoint
 
@@ -202,7 +222,9 @@ def run_gradcam(inputs: list[str], checkpoint: str, out: str | Path, *, method: 
     files = expand_inputs(inputs)
     init_ray(address)
     gpu = bool(cluster_gpus() > 0) if use_gpu is None else use_gpu
-    ds = ray.data.from_pandas(frame_blocks(pd.DataFrame({"path": files}), batch_size)).map_batches(
+    sides = manifest_sides(inputs)
+    frame = pd.DataFrame({"path": files, "side": [sides.get(f, "") for f in files]})
+    ds = ray.data.from_pandas(frame_blocks(frame, batch_size)).map_batches(
         GradCamActor, fn_constructor_kwargs={"checkpoint": ckpt, "out_dir": str(out.resolve()), "method": method,
                                              "target": target, "layer": layer, "save_npy": save_npy,
                                              "use_gpu": gpu},
