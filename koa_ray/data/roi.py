@@ -50,6 +50,9 @@ _GAP_SURE = 0.45  # a gap this dark separates two legs whatever the joints found
 _GAP_DEPTH = 0.08  # a column-profile dip this deep (or a wide film) gets the two-knee hypothesis tested
 _BRIDGE_MAX = 0.6  # ... and the gap column above/below the joints darker than this x the bone level (not one knee)
 _MIN_REGION = 24  # px (work scale): smaller images or halves are not analysed (centred fallback)
+_PAIR_SPAN = 0.8  # two knees' joint widths add up to at most this x the image width (legs, gap, margins)
+_ROOM = 0.6  # with one knee found beside a dark gap, the other side is at least this x its width
+_PAIR_WIDTH_RATIO_SURE = 2.5  # (with a dark gap between the legs, a looser width ratio)
 _PAIR_WIDTH_RATIO = 1.6  # two knees of one film: joint widths within this ratio ...
 _PAIR_DY = 0.6  # ... joint heights within this x their mean width ...
 _PAIR_CLEAR = -0.1  # ... and each joint line ending clear of the gap column (x its width; a cut knee fails)
@@ -320,15 +323,22 @@ def _pair_ok(work: np.ndarray, left: "_Joint | None", right: "_Joint | None", cu
     similar in width and height, neither joint line crossing the cut, and no bone bridging the cut above and
     below the joints (:func:`_bone_bridge`). A gap nearly as dark as the background decides alone: a knee not found
     there is reported as a fallback box, not merged into its neighbour."""
+    ww = work.shape[1]
     found = [j is not None and j.score >= min_score for j in (left, right)]
-    if not all(found):  # a gap as dark as the background between two legs, one knee found: two knees
-        return any(found) and depth >= _GAP_SURE
+    if not all(found):  # a gap as dark as the background between two legs, one knee found: two knees, if the
+        if not any(found) or depth < _GAP_SURE:  # other side has room for a knee as wide as the one found
+            return False
+        j, room = (left, ww - cut) if found[0] else (right, cut)
+        return j.width <= _PAIR_SPAN * ww / 2 and room >= _ROOM * j.width
+    if left.width + right.width > _PAIR_SPAN * ww:  # two knees and the space between them fill the film
+        return False
     if _bone_bridge(work, left, right, cut) >= _BRIDGE_MAX:  # bone across the cut: one knee, whatever the gap
         return False
-    if depth >= _GAP_SURE:
-        return True
     wl, wr = left.width, right.width
-    if max(wl, wr) > _PAIR_WIDTH_RATIO * min(wl, wr):
+    ratio = max(wl, wr) / max(min(wl, wr), 1e-6)
+    if depth >= _GAP_SURE:  # a dark gap: two knees unless the "joints" are far apart in size (a crop's edge)
+        return ratio <= _PAIR_WIDTH_RATIO_SURE
+    if ratio > _PAIR_WIDTH_RATIO:
         return False
     if abs(left.cy - right.cy) > _PAIR_DY * (wl + wr) / 2:
         return False
