@@ -36,7 +36,7 @@ from koa_ray.data.roi import box_iou, detect_knees  # noqa: E402
 from koa_ray.data.synthetic import embed_in_canvas, render_bilateral, render_knee  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests"))
-from films import drawn_film, stitched_film  # noqa: E402  (held-out generators, not used to tune the detector)
+from films import held_out_scores, held_out_set  # noqa: E402  (held-out generators, not used to tune the detector)
 
 REAL = ROOT / ".." / "shared" / "data" / "knee-kl224"
 
@@ -77,37 +77,6 @@ def mean_iou(images, truths) -> float:
         else:
             ious.append(box_iou(boxes[0], tr))
     return float(np.mean(ious))
-
-
-def held_out(gen: str, n: int, seed: int, height: int | None = None):
-    """``n`` single and ``n`` bilateral films (drawn: every 4th bilateral one a long-leg film) from tests/films.py."""
-    right, left = sorted(REAL.glob("val/*/*R.jpg")), sorted(REAL.glob("val/*/*L.jpg"))
-    for i in range(2 * n):
-        rng = np.random.default_rng(seed + i)
-        two = i % 2 == 1
-        kw = {"height": height or int(rng.integers(400, 3001)), "bits": 16 if i % 4 == 3 else 8}
-        if gen == "stitched":
-            crops = [read(right[(7 * i) % len(right)])] + ([read(left[(11 * i) % len(left)])] if two else [])
-            yield stitched_film(crops, rng, **kw)
-        else:
-            yield drawn_film(rng, bilateral=two, long_leg=two and i % 8 == 7, **kw)
-
-
-def held_out_scores(films) -> dict:
-    single, bilateral, two, one, sides = [], [], [], [], []
-    for img, truth in films:
-        boxes = detect_knees(img)
-        if len(truth) == 2:
-            two.append(len(boxes) == 2)
-            sides.append([b.side for b in boxes] == ["R", "L"])
-        else:
-            one.append(len(boxes) == 1)
-        for t in truth:
-            iou = max(box_iou(b, (t["x0"], t["y0"], t["x1"], t["y1"])) for b in boxes)
-            (bilateral if len(truth) == 2 else single).append(iou)
-    return {"single_iou": float(np.mean(single)), "bilateral_iou": float(np.mean(bilateral)),
-            "two_knee_rate": float(np.mean(two)), "sides_rl": float(np.mean(sides)),
-            "single_kept_whole": float(np.mean(one)), "n_films": len(one) + len(two)}
 
 
 def central_third(paths: list[Path]) -> tuple[int, int]:
@@ -168,8 +137,8 @@ def main() -> None:
           "a quarter 16-bit, rulers / spheres / text (targets: IoU >= 0.85, two-knee >= 95 %):")
     results = {}
     for gen in (["stitched"] if have_real else []) + ["drawn"]:
-        r = held_out_scores(held_out(gen, args.held_out, seed=9000))
-        thousand = [im for im, _ in held_out(gen, 6, seed=9100, height=1000)]
+        r = held_out_scores(held_out_set(gen, args.held_out, seed=9000, real=REAL), detect_knees)
+        thousand = [im for im, _ in held_out_set(gen, 6, seed=9100, real=REAL, height=1000)]
         r["img_per_s_1000px"], r["cpu_ms_1000px"] = throughput(thousand, args.seconds)
         results[gen] = r
         print(f"  {gen:<9} single IoU {r['single_iou']:.3f}  bilateral IoU {r['bilateral_iou']:.3f}  "

@@ -108,7 +108,7 @@ def score(inputs: list[str], checkpoint: str, out: str | Path, *, batch_size: in
     """
     import ray
 
-    from koa_ray.data.ingest import expand_inputs, manifest_sides
+    from koa_ray.data.ingest import expand_inputs, input_frame
     from koa_ray.runtime import cluster_gpus, frame_blocks, init_ray
     from koa_ray.train.checkpoint import resolve_checkpoint
 
@@ -131,9 +131,7 @@ def score(inputs: list[str], checkpoint: str, out: str | Path, *, batch_size: in
     if todo:
         init_ray(address)
         gpu = bool(cluster_gpus() > 0) if use_gpu is None else use_gpu
-        sides = manifest_sides(inputs)
-        todo_df = pd.DataFrame({"path": todo, "side": [sides.get(f, "") for f in todo]})
-        ds = ray.data.from_pandas(frame_blocks(todo_df, batch_size)).map_batches(
+        ds = ray.data.from_pandas(frame_blocks(input_frame(todo, inputs), batch_size)).map_batches(
             ScoreActor, fn_constructor_kwargs={"checkpoint": ckpt, "use_gpu": gpu, "tta": tta},
             batch_size=batch_size, batch_format="pandas", concurrency=concurrency, num_gpus=1 if gpu else 0,
             num_cpus=0.5 if not gpu else 1)

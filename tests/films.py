@@ -22,6 +22,8 @@ definition of :mod:`koa_ray.data.roi`: a square centred on the joint-space centr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 
@@ -257,3 +259,47 @@ def _finish(film: np.ndarray, boxes: list[tuple[float, float, float]], sides: li
     else:
         out = out.astype(np.uint8)
     return out, truth
+
+
+# ------------------------------------------------------------------------------------------------ held-out sets
+def held_out_set(gen: str, n: int, seed: int, real: Path | None = None, heights: tuple[int, int] = (400, 3000),
+                 height: int | None = None):
+    """``n`` single-knee and ``n`` bilateral films from generator ``gen`` ('stitched': real crops from
+    ``real/val/*/*{R,L}.jpg``; 'drawn': every 4th bilateral one a long-leg film), fixed seeds, heights drawn from
+    ``heights`` (or all ``height``), a quarter of them 16-bit. Yields ``(img, truth)``."""
+    if gen == "stitched":
+        right, left = sorted(real.glob("val/*/*R.jpg")), sorted(real.glob("val/*/*L.jpg"))
+
+        def read(p):
+            return cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
+    for i in range(2 * n):
+        rng = np.random.default_rng(seed + i)
+        two = i % 2 == 1
+        kw = {"height": height or int(rng.integers(heights[0], heights[1] + 1)), "bits": 16 if i % 4 == 3 else 8}
+        if gen == "stitched":
+            crops = [read(right[(7 * i) % len(right)])] + ([read(left[(11 * i) % len(left)])] if two else [])
+            yield stitched_film(crops, rng, **kw)
+        else:
+            yield drawn_film(rng, bilateral=two, long_leg=two and i % 8 == 7, **kw)
+
+
+def held_out_scores(films, detect) -> dict:
+    """Localisation figures of ``detect`` (image -> boxes) over ``(img, truth)`` films: mean best-match IoU for
+    single and bilateral films, the share of bilateral films found as two knees, and as R then L, and the share of
+    single films kept as one knee."""
+    from koa_ray.data.roi import box_iou
+
+    single, bilateral, two, one, sides = [], [], [], [], []
+    for img, truth in films:
+        boxes = detect(img)
+        if len(truth) == 2:
+            two.append(len(boxes) == 2)
+            sides.append([b.side for b in boxes] == ["R", "L"])
+        else:
+            one.append(len(boxes) == 1)
+        for t in truth:
+            iou = max(box_iou(b, (t["x0"], t["y0"], t["x1"], t["y1"])) for b in boxes)
+            (bilateral if len(truth) == 2 else single).append(iou)
+    return {"single_iou": float(np.mean(single)), "bilateral_iou": float(np.mean(bilateral)),
+            "two_knee_rate": float(np.mean(two)), "sides_rl": float(np.mean(sides)),
+            "single_kept_whole": float(np.mean(one)), "n_films": len(one) + len(two)}

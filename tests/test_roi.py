@@ -15,9 +15,9 @@ from koa_ray.data.roi import KneeBox, RoiConfig, box_iou, crop_knee, detect_knee
 from koa_ray.data.synthetic import embed_in_canvas, render_bilateral, render_knee
 
 try:
-    from films import drawn_film, stitched_film
+    from films import drawn_film, held_out_scores, held_out_set
 except ImportError:  # tests/ imported as a package
-    from tests.films import drawn_film, stitched_film
+    from tests.films import drawn_film, held_out_scores, held_out_set
 
 REAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "knee-kl224"
 needs_real = pytest.mark.skipif(not REAL.is_dir(), reason="real knee-kl224 crops (../shared) not available")
@@ -240,23 +240,6 @@ def test_square_box_and_iou():
 
 
 # ------------------------------------------------------------------------------------------------ held-out films
-def _held_out(gen: str, n: int, seed: int):
-    """``n`` single-knee and ``n`` bilateral films from a generator the detector was not tuned on (tests/films.py),
-    fixed seeds, heights 400-2000 px, a quarter of them 16-bit, with rulers, calibration spheres and text."""
-    if gen == "stitched":
-        right = sorted(REAL.glob("val/*/*R.jpg"))
-        left = sorted(REAL.glob("val/*/*L.jpg"))
-    for i in range(2 * n):
-        rng = np.random.default_rng(seed + i)
-        kw = {"height": int(rng.integers(400, 2001)), "bits": 16 if i % 4 == 3 else 8}
-        two = i % 2 == 1
-        if gen == "stitched":
-            crops = [_read(right[(7 * i) % len(right)])] + ([_read(left[(11 * i) % len(left)])] if two else [])
-            yield stitched_film(crops, rng, **kw)
-        else:
-            yield drawn_film(rng, bilateral=two, long_leg=two and i % 8 == 7, **kw)
-
-
 @pytest.mark.parametrize("gen", ["stitched", "drawn"])
 def test_held_out_films_one_or_two_knees(gen):
     """Films made differently from koa synth (real crops stitched into legs; drawn anatomy incl. long-leg films):
@@ -264,20 +247,11 @@ def test_held_out_films_one_or_two_knees(gen):
     L, single films never split."""
     if gen == "stitched" and not REAL.is_dir():
         pytest.skip("real knee-kl224 crops (../shared) not available")
-    single, bilateral, two, one = [], [], [], []
-    for img, truth in _held_out(gen, 16, seed=7000):
-        boxes = detect_knees(img)
-        if len(truth) == 2:
-            two.append([b.side for b in boxes] == ["R", "L"])
-        else:
-            one.append(len(boxes) == 1)
-        for t in truth:
-            iou = max(box_iou(b, (t["x0"], t["y0"], t["x1"], t["y1"])) for b in boxes)
-            (bilateral if len(truth) == 2 else single).append(iou)
-    assert np.mean(two) >= 0.95, f"two-knee rate {np.mean(two):.2f}"
-    assert np.mean(one) >= 0.95, f"single films kept whole {np.mean(one):.2f}"
-    assert np.mean(single) >= 0.85, f"single mean IoU {np.mean(single):.3f}"
-    assert np.mean(bilateral) >= 0.85, f"bilateral mean IoU {np.mean(bilateral):.3f}"
+    r = held_out_scores(held_out_set(gen, 16, seed=7000, real=REAL, heights=(400, 2000)), detect_knees)
+    assert r["sides_rl"] >= 0.95, f"two-knee rate (R then L) {r['sides_rl']:.2f}"
+    assert r["single_kept_whole"] >= 0.95, f"single films kept whole {r['single_kept_whole']:.2f}"
+    assert r["single_iou"] >= 0.85, f"single mean IoU {r['single_iou']:.3f}"
+    assert r["bilateral_iou"] >= 0.85, f"bilateral mean IoU {r['bilateral_iou']:.3f}"
 
 
 def test_roi_cli_draws_boxes(tmp_path, capsys):

@@ -165,6 +165,13 @@ def manifest_sides(inputs: list[str] | str) -> dict[str, str]:
     return sides
 
 
+def input_frame(files: list[str], inputs: list[str] | str) -> pd.DataFrame:
+    """``path, side`` rows for ``files`` (from :func:`expand_inputs`), the side from a manifest among ``inputs``
+    (:func:`manifest_sides`) or '' (parsed from the file name downstream): what score and gradcam jobs map over."""
+    sides = manifest_sides(inputs)
+    return pd.DataFrame({"path": files, "side": [sides.get(f, "") for f in files]})
+
+
 def patient_split(df: pd.DataFrame, cfg: IngestConfig = IngestConfig()) -> pd.Series:
     """Assign ``train/val/test`` per patient, stratified by each patient's highest grade.
 

@@ -28,8 +28,9 @@ programme over <= ``_PATH_COLS`` columns: ~5-15 ms per image on one CPU core for
 
 **One knee or two** (bilateral PA films): thin bright marks (text, markers, ruler ticks) are first removed by a grey
 opening; the per-column median profile is searched for a dark gap between two leg-wide bright bands; each side of
-it is analysed as one knee, and the pair is kept when the gap is as dark as the background or the two joints are
-alike and end clear of the gap (:func:`detect_knees`). Image-left = patient's right knee ('R'), image-right = left
+it is analysed as one knee, and the pair is kept when the two joints are alike, fit the film and no bone bridges
+the gap (:func:`_pair_ok`, :func:`_bone_bridge`), or when the gap is as dark as the background and one knee is
+found beside room for another (:func:`detect_knees`). Image-left = patient's right knee ('R'), image-right = left
 knee ('L'). Measured on held-out films made by generators the detector was not tuned on (``tests/films.py``):
 ``benchmarks/bench_roi.py``.
 """
@@ -188,9 +189,6 @@ class _Joint:
     score: float
 
 
-_NOT_FOUND = _Joint(0.0, 0.0, 0.0, 0.0)  # searched, nothing found (distinct from "not searched yet")
-
-
 # ------------------------------------------------------------------------------------------------ helpers
 def _is_real(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_)) \
@@ -270,7 +268,8 @@ def _leg_gap(work: np.ndarray) -> tuple[int, float]:
     Column profile = per-column median over rows (bone and soft tissue bright, air dark; robust to the pelvis,
     text and markers which cover few rows), smoothed. The gap is the column of the central 25-75 % whose profile is
     deepest below the lower of the brightest columns on its left and on its right; its depth is that drop relative
-    to the range between that level and the darkest column (0: no dip, 1: the gap is as dark as the background)."""
+    to the profile's range (0: no dip, 1: the gap is as dark as the background); 0 when the profile is flat or
+    either side holds no leg-wide band at least half as bright as the brightest."""
     w = work.shape[1]
     prof = cv2.GaussianBlur(np.median(work[::2], axis=0).reshape(1, -1).astype(np.float32), (0, 0),
                             max(w / 80.0, 1.0))
@@ -520,8 +519,8 @@ def detect_knees(img: np.ndarray, cfg: RoiConfig = RoiConfig(), side_hint: str |
 
     One knee or two is decided from the image, not from its shape: the column profile is searched for a dark gap
     between two leg-wide bright bands (:func:`_leg_gap`), and the film is read as bilateral when the gap is as
-    dark as the background, or when joints found on both sides of it are alike in width and height and each ends
-    clear of the gap (:func:`_pair_ok`; touching legs on a wide film). A bilateral film yields two boxes, image-left
+    dark as the background, or when joints found on both sides of it are alike in width and height, end clear of
+    the gap and have no bone bridging it (:func:`_pair_ok`; touching legs on a wide film). A bilateral film yields two boxes, image-left
     tagged 'R' (patient's right knee, radiological convention) then image-right 'L'; ``side_hint`` is ignored.
     Otherwise one box, tagged with ``side_hint`` ('L'/'R', e.g. parsed from an OAI file name) or 'U'. Thin
     bright marks (burned-in text, lead markers, ruler ticks) are removed before the search (:func:`_suppress_marks`).
@@ -541,20 +540,21 @@ def detect_knees(img: np.ndarray, cfg: RoiConfig = RoiConfig(), side_hint: str |
         return [KneeBox(x0, y0, x0 + s, y0 + s, hint, 1.0, False)]
     work, scale = _to_work(gray, cfg.work_size)
     hh, ww = work.shape
-    regions = [(0, ww, hint, None)]
-    wide = w >= BILATERAL_ASPECT * h
+
+    def joint_in(a: int, b: int) -> _Joint | None:
+        return _find_joint(work[:, a:b], float(min(cfg.work_size, hh, b - a)))
+
+    regions = None  # [(x from, x to, side, joint found there or None)] in work pixels
     if min(hh, ww // 2) >= _MIN_REGION:  # one knee or two: decided from the image (joints either side of a leg gap)
         cut, depth = _leg_gap(work)
-        if depth >= _GAP_DEPTH or wide:
-            left, right = (_find_joint(work[:, a:b], float(min(cfg.work_size, hh, b - a)))
-                           for a, b in ((0, cut), (cut, ww)))
+        if depth >= _GAP_DEPTH or w >= BILATERAL_ASPECT * h:
+            left, right = joint_in(0, cut), joint_in(cut, ww)
             if _pair_ok(work, left, right, cut, depth, cfg.min_score):
-                regions = [(0, cut, "R", left or _NOT_FOUND), (cut, ww, "L", right or _NOT_FOUND)]
+                regions = [(0, cut, "R", left), (cut, ww, "L", right)]
+    if regions is None:
+        regions = [(0, ww, hint, joint_in(0, ww) if min(ww, hh) >= _MIN_REGION else None)]
     boxes = []
     for xa, xb, side, joint in regions:
-        if joint is None and min(xb - xa, hh) >= _MIN_REGION:
-            joint = _find_joint(work[:, xa:xb], float(min(cfg.work_size, hh, xb - xa)))
-        joint = None if joint is _NOT_FOUND else joint
         score = round(joint.score, 4) if joint is not None else 0.0
         if joint is None or score < cfg.min_score:
             boxes.append(_fallback(xa / scale if xa else 0.0, w if xb == ww else xb / scale, h, side))

@@ -103,9 +103,6 @@ class GradCamActor:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from koa_ray.data.decode import DecodeError
-
-        import cv2
-
         from koa_ray.data.roi import KneeBox, draw_boxes
 
         rows, knees = [], []
@@ -118,7 +115,7 @@ class GradCamActor:
                 film = self.out / f"{_stem(str(path), 0, '')}_film.png"
                 boxes = [KneeBox(k.x0, k.y0, k.x1, k.y1, k.side or "U", k.roi_score, bool(k.roi_fallback))
                          for k in ks]
-                cv2.imwrite(str(film), draw_boxes(img, boxes, max_side=400))
+                _write_png(film, draw_boxes(img, boxes, max_side=400)[..., ::-1])  # BGR picture -> RGB
                 films[str(path)] = film.name
             except DecodeError as e:
                 rows.append(_error(str(path), e.reason))
@@ -210,7 +207,7 @@ def run_gradcam(inputs: list[str], checkpoint: str, out: str | Path, *, method: 
     """Batch Grad-CAM over files on a Ray Data actor pool; writes overlays, ``index.csv`` and ``index.html``."""
     import ray
 
-    from koa_ray.data.ingest import expand_inputs, manifest_sides
+    from koa_ray.data.ingest import expand_inputs, input_frame
     from koa_ray.runtime import cluster_gpus, frame_blocks, init_ray
     from koa_ray.train.checkpoint import resolve_checkpoint
 
@@ -222,9 +219,7 @@ def run_gradcam(inputs: list[str], checkpoint: str, out: str | Path, *, method: 
     files = expand_inputs(inputs)
     init_ray(address)
     gpu = bool(cluster_gpus() > 0) if use_gpu is None else use_gpu
-    sides = manifest_sides(inputs)
-    frame = pd.DataFrame({"path": files, "side": [sides.get(f, "") for f in files]})
-    ds = ray.data.from_pandas(frame_blocks(frame, batch_size)).map_batches(
+    ds = ray.data.from_pandas(frame_blocks(input_frame(files, inputs), batch_size)).map_batches(
         GradCamActor, fn_constructor_kwargs={"checkpoint": ckpt, "out_dir": str(out.resolve()), "method": method,
                                              "target": target, "layer": layer, "save_npy": save_npy,
                                              "use_gpu": gpu},

@@ -92,7 +92,7 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     """Mixed-precision dtype for the training forward pass, or ``None`` for fp32.
 
     ``auto``: bf16 on CUDA, fp32 elsewhere. ``bf16``: bf16 on every device; on a CPU with AMX / AVX-512-BF16
-    (oneDNN) DenseNet121 trains about 2x faster than fp32 (``benchmarks/bench_train.py``). ``fp16``: CUDA only
+    (oneDNN) DenseNet121 trains about 2x faster than fp32 (``benchmarks/bench_kernels.py``). ``fp16``: CUDA only
     (with a gradient scaler).
 
     Raises:
@@ -166,7 +166,6 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session) -> None:
     # channels_last helps cuDNN and oneDNN's bf16 kernels alike (CPU: 34 -> 40 img/s bf16, no change fp32)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    channels_last = cfg.channels_last
     model = session.prepare_model(model)
     optimizer = build_optimizer(cfg, model)
     steps_per_epoch = max(1, math.ceil(data.epoch_samples / session.world_size / cfg.batch_size))
@@ -208,7 +207,7 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session) -> None:
             if cfg.max_steps_per_epoch is not None and step >= cfg.max_steps_per_epoch:
                 break
             x = x.to(device, non_blocking=True)
-            if channels_last:
+            if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True).long()
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -230,7 +229,7 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session) -> None:
         n_seen = float(seen.sum())
 
         cms, val_loss_sum, n_val = evaluate_batches(model, session.val_batches(), device, eval_loss,
-                                                    eval_autocast_dtype(amp, device), channels_last)
+                                                    eval_autocast_dtype(amp, device), cfg.channels_last)
         cms = {how: session.all_reduce(torch.as_tensor(c, dtype=torch.float64)).numpy().astype(np.int64)
                for how, c in cms.items()}
         val_loss_sum = float(session.all_reduce(torch.tensor([val_loss_sum], dtype=torch.float64)))
