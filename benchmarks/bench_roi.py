@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=12, help="images per input set")
     ap.add_argument("--held-out", type=int, default=40, help="films per kind and held-out generator")
     ap.add_argument("--json", default="bench_out/roi.json", help="held-out figures as JSON ('' for none)")
+    ap.add_argument("--all-real", action="store_true", help="also check that all 6,604 real crops stay one knee (~40 s)")
     args = ap.parse_args()
 
     cv2.setNumThreads(1)
@@ -144,6 +145,14 @@ def main() -> None:
         print(f"  {gen:<9} single IoU {r['single_iou']:.3f}  bilateral IoU {r['bilateral_iou']:.3f}  "
               f"two-knee {100 * r['two_knee_rate']:.0f} %  R/L order {100 * r['sides_rl']:.0f} %  "
               f"single kept whole {100 * r['single_kept_whole']:.0f} %  | 1000 px: {r['img_per_s_1000px']:.1f} img/s")
+    if args.all_real and have_real:  # every real single-knee crop must stay one knee
+        files = sorted(REAL.rglob("*.jpg"))
+        counts = [detect_knees(read(p), side_hint=p.stem[-1]) for p in files]
+        split = [str(p) for p, b in zip(files, counts) if len(b) != 1]
+        n_fb = sum(k.fallback for b in counts for k in b)
+        results["all_real_crops"] = {"n": len(files), "not_one_box": split, "fallbacks": n_fb}
+        print(f"  all {len(files)} real crops: {len(files) - len(split)} one box, {len(split)} not {split}, "
+              f"{n_fb} fallbacks")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(__import__("json").dumps(results, indent=2))
