@@ -145,14 +145,22 @@ def main() -> None:
         print(f"  {gen:<9} single IoU {r['single_iou']:.3f}  bilateral IoU {r['bilateral_iou']:.3f}  "
               f"two-knee {100 * r['two_knee_rate']:.0f} %  R/L order {100 * r['sides_rl']:.0f} %  "
               f"single kept whole {100 * r['single_kept_whole']:.0f} %  | 1000 px: {r['img_per_s_1000px']:.1f} img/s")
+        m = held_out_scores(held_out_set(gen, args.held_out // 2, seed=9200, real=REAL, implants=True), detect_knees)
+        r["implants"] = {k: m[k] for k in ("implants_flagged", "false_implant_flags", "two_knee_rate", "single_iou",
+                                            "bilateral_iou")}
+        print(f"  {'':<9} with a knee replacement (image-left knee): flagged {100 * m['implants_flagged']:.0f} %, "
+              f"other knee flagged {100 * m['false_implant_flags']:.0f} %, films without metal flagged "
+              f"{100 * r['false_implant_flags']:.0f} %; two-knee {100 * m['two_knee_rate']:.0f} %, "
+              f"IoU {m['single_iou']:.3f} / {m['bilateral_iou']:.3f}")
     if args.all_real and have_real:  # every real single-knee crop must stay one knee
         files = sorted(REAL.rglob("*.jpg"))
         counts = [detect_knees(read(p), side_hint=p.stem[-1]) for p in files]
         split = [str(p) for p, b in zip(files, counts) if len(b) != 1]
         n_fb = sum(k.fallback for b in counts for k in b)
-        results["all_real_crops"] = {"n": len(files), "not_one_box": split, "fallbacks": n_fb}
+        metal = [str(p) for p, b in zip(files, counts) if any(k.implant for k in b)]
+        results["all_real_crops"] = {"n": len(files), "not_one_box": split, "fallbacks": n_fb, "implant": metal}
         print(f"  all {len(files)} real crops: {len(files) - len(split)} one box, {len(split)} not {split}, "
-              f"{n_fb} fallbacks")
+              f"{n_fb} fallbacks, {len(metal)} flagged as implants {metal}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(__import__("json").dumps(results, indent=2))

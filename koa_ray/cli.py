@@ -65,7 +65,8 @@ def cmd_roi(a) -> int:
     err_path = out.with_name(out.stem + ".errors.csv")
     errors.to_csv(err_path, index=False)
     print(f"{len(boxes)} knee boxes from {boxes['path'].nunique()} images -> {out}; "
-          f"{int(boxes['roi_fallback'].sum())} fallback crops; {len(errors)} unreadable -> {err_path}")
+          f"{int(boxes['roi_fallback'].sum())} fallback crops; {int(boxes['implant'].sum())} knee replacements "
+          f"(implant=true: not KL-gradable); {len(errors)} unreadable -> {err_path}")
     if a.draw:
         print(f"drawn boxes: {a.draw}/<image name>.png (green: joint found, orange: fallback crop)")
     return 0
@@ -207,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("roi", help="detect knee-joint boxes and write them to CSV")
     s.add_argument("inputs", nargs="+", help="files, folders (recursive), globs or manifests")
-    s.add_argument("--out", required=True, help="boxes CSV: path,x0,y0,x1,y1,side,score,roi_fallback")
+    s.add_argument("--out", required=True, help="boxes CSV: path,x0,y0,x1,y1,side,score,roi_fallback,implant")
     s.add_argument("--draw", metavar="DIR", help="also write each image with its boxes, sides and scores drawn")
     _add_roi(s)
     _add_ingest(s)

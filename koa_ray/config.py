@@ -140,6 +140,9 @@ class OptimConfig:
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
     grad_clip: float = 1.0
+    # Weight EMA (Polyak averaging, koa_ray.train.ema): 0 = off; e.g. 0.999. When on, validation, the best-checkpoint
+    # choice and model.pt use the averaged weights; the raw weights travel in train_state.pt for resume.
+    ema_decay: float = 0.0
 
     def validate(self):
         if self.optimizer not in ("adam", "adamw", "sgd"):
@@ -150,6 +153,8 @@ class OptimConfig:
             raise ConfigError("optim.weight_decay, optim.warmup_epochs and optim.grad_clip must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"optim.ema_decay={self.ema_decay}: must be in [0, 1) (0 = no weight EMA)")
 
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")

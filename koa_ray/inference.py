@@ -18,7 +18,7 @@ from koa_ray.data.decode import DecodeError, read_image
 from koa_ray.data.ingest import IngestConfig, parse_patient_side
 from koa_ray.metrics import decode_grades
 from koa_ray.data.prep import PrepConfig, knee_crops
-from koa_ray.train.checkpoint import load_checkpoint, resolve_checkpoint
+from koa_ray.train.checkpoint import load_checkpoint, model_id, resolve_checkpoint
 
 
 @dataclass
@@ -35,6 +35,7 @@ class Knee:
     roi_fallback: bool = False
     roi_score: float = 0.0
     label: int = -1
+    implant: bool = False  # metal caps the joint (a knee replacement): the grade does not apply
 
 
 def pick_device(use_gpu: bool | None = None) -> torch.device:
@@ -53,7 +54,7 @@ class Predictor:
         pre = self.meta["preprocess"]
         self.prep = PrepConfig.from_dict(pre["prep"])
         self.eval_preset = EvalPreset(pre["input_size"], pre["mean"], pre["std"], pre["in_chans"])
-        self.model_id = f"{self.checkpoint.parent.name}/{self.checkpoint.name}"
+        self.model_id = model_id(self.checkpoint)
         # the side (which decides mirroring) is found as it was when the training data was prepared
         self.side_source = dict(pre["prep"].get("side") or {"from": "filename",
                                                             "patient_regex": IngestConfig.patient_regex})
@@ -73,7 +74,8 @@ class Predictor:
         """:meth:`knees_from_file` for an already decoded image (``path`` names it and gives the side)."""
         side_hint = side if side in ("L", "R") else parse_patient_side(path, self.side_source["patient_regex"])[1]
         return [Knee(path, crop, b.x0, b.y0, b.x1, b.y1, b.side if b.side in ("L", "R") else side_hint,
-                     bool(b.fallback), float(b.score)) for crop, b in knee_crops(img, self.prep, side_hint)]
+                     bool(b.fallback), float(b.score), implant=bool(b.implant))
+                for crop, b in knee_crops(img, self.prep, side_hint)]
 
     def inputs(self, crops: np.ndarray, flip: bool = False) -> torch.Tensor:
         x = self.eval_preset.transform(crops)

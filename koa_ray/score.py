@@ -17,13 +17,14 @@ import numpy as np
 import pandas as pd
 
 SCORE_COLUMNS = ["path", "status", "error", "grade", "p0", "p1", "p2", "p3", "p4", "expected_grade", "confidence",
-                 "x0", "y0", "x1", "y1", "side", "roi_fallback", "model"]
+                 "x0", "y0", "x1", "y1", "side", "roi_fallback", "implant", "model"]
 
 
 def _error_row(path: str, reason: str, model: str) -> dict:
     return {"path": path, "status": "error", "error": reason, "grade": -1,
             **{f"p{k}": np.nan for k in range(5)}, "expected_grade": np.nan, "confidence": np.nan,
-            "x0": -1, "y0": -1, "x1": -1, "y1": -1, "side": "", "roi_fallback": False, "model": model}
+            "x0": -1, "y0": -1, "x1": -1, "y1": -1, "side": "", "roi_fallback": False, "implant": False,
+            "model": model}
 
 
 def score_rows(predictor, paths, tta: bool = False, sides=None) -> pd.DataFrame:
@@ -47,7 +48,7 @@ def score_rows(predictor, paths, tta: bool = False, sides=None) -> pd.DataFrame:
                          **{f"p{g}": float(p[g]) for g in range(5)},
                          "expected_grade": float((p * np.arange(5)).sum()), "confidence": float(p.max()),
                          "x0": k.x0, "y0": k.y0, "x1": k.x1, "y1": k.y1, "side": k.side,
-                         "roi_fallback": k.roi_fallback, "model": predictor.model_id})
+                         "roi_fallback": k.roi_fallback, "implant": k.implant, "model": predictor.model_id})
     return pd.DataFrame(rows, columns=SCORE_COLUMNS)
 
 
@@ -88,12 +89,33 @@ def parts_dir(out: Path) -> Path:
 
 
 def existing_rows(out: Path) -> pd.DataFrame:
-    """Rows already written: the consolidated output plus parts of an interrupted run."""
+    """Rows already written: the consolidated output, then the parts of an interrupted run, each path taken from the
+    first of them that holds it (a run killed after writing the output and before removing its parts leaves both;
+    a path, i.e. all of its knees' rows, is never counted twice)."""
     frames = [_read_table(out)] if out.is_file() else []
     pdir = parts_dir(out)
     if pdir.is_dir():
         frames += [pd.read_parquet(p) for p in sorted(pdir.glob("part-*.parquet"))]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SCORE_COLUMNS)
+    kept, seen = [], set()
+    for frame in frames:
+        if "implant" not in frame:  # written before the implant flag existed
+            frame = frame.assign(implant=False)
+        frame = frame[~frame["path"].isin(seen)]
+        seen |= set(frame["path"])
+        kept.append(frame)
+    return pd.concat(kept, ignore_index=True) if kept else pd.DataFrame(columns=SCORE_COLUMNS)
+
+
+def check_same_model(rows: pd.DataFrame, model: str, out: Path) -> None:
+    """Refuse to resume into ``out`` when its rows come from another checkpoint than ``model``.
+
+    Raises:
+        ValueError: names the models found and the way out.
+    """
+    others = sorted(set(rows["model"].dropna().astype(str)) - {model}) if len(rows) else []
+    if others:
+        raise ValueError(f"--resume: {out} holds rows scored by {others}, not by {model}; resuming would mix two "
+                         "models' grades: score into another --out, or drop --resume to start over")
 
 
 def score(inputs: list[str], checkpoint: str, out: str | Path, *, batch_size: int = 32, concurrency: int = 1,
@@ -110,7 +132,7 @@ def score(inputs: list[str], checkpoint: str, out: str | Path, *, batch_size: in
 
     from koa_ray.data.ingest import expand_inputs, input_frame
     from koa_ray.runtime import cluster_gpus, frame_blocks, init_ray
-    from koa_ray.train.checkpoint import resolve_checkpoint
+    from koa_ray.train.checkpoint import model_id, resolve_checkpoint
 
     out = Path(out)
     if out.suffix not in (".csv", ".parquet"):
@@ -119,7 +141,9 @@ def score(inputs: list[str], checkpoint: str, out: str | Path, *, batch_size: in
     files = expand_inputs(inputs)
     pdir = parts_dir(out)
     if resume:
-        done = set(existing_rows(out)["path"])
+        previous = existing_rows(out)
+        check_same_model(previous, model_id(ckpt), out)
+        done = set(previous["path"])
     else:
         done = set()
         shutil.rmtree(pdir, ignore_errors=True)

@@ -13,6 +13,9 @@
   Chen crops it spans ~0.93 of it, ``REAL_CROP_JOINT_FRAC``); an earlier version with square margins drew a line
   over the full width, which no real knee shows.
 
+:func:`draw_implant` draws a knee replacement into either kind. Unlike the films themselves, it is *not* held out:
+the detector's implant threshold (``roi._METAL_COVER``) was set between these drawn implants and the real crops.
+
 Both add what real films carry (:func:`film_clutter`): a ruler at an edge, a calibration sphere, burned-in text and
 lead L/R markers; heights from 400 to 3000 px, and 8- or 16-bit output. The ground truth follows the box
 definition of :mod:`koa_ray.data.roi`: a square centred on the joint-space centre with side
@@ -91,7 +94,7 @@ def _leg_from_crop(crop: np.ndarray, size: int, rng: np.random.Generator) -> tup
 
 
 def stitched_film(crops: list[np.ndarray], rng: np.random.Generator, *, height: int | None = None,
-                  margin: float = GT_MARGIN, clutter: bool = True, bits: int = 8):
+                  margin: float = GT_MARGIN, clutter: bool = True, bits: int = 8, implants: tuple[bool, ...] = ()):
     """A film from one or two real crops (two: ``crops[0]`` = patient's right knee, drawn on the image-left).
 
     Returns ``(img, boxes)``: uint8/uint16 image and ``[{x0, y0, x1, y1, side}]`` from image-left to image-right
@@ -115,7 +118,7 @@ def stitched_film(crops: list[np.ndarray], rng: np.random.Generator, *, height: 
         boxes.append((x + cx, y + cy, jw))
         x += lw + gap
     sides = ["R", "L"] if len(legs) == 2 else ["U"]
-    return _finish(film, boxes, sides, rng, height=height, margin=margin, clutter=clutter, bits=bits)
+    return _finish(film, boxes, sides, rng, height=height, margin=margin, clutter=clutter, bits=bits, implants=implants)
 
 
 # ------------------------------------------------------------------------------------------------ drawn
@@ -173,7 +176,7 @@ def _draw_knee(atten: np.ndarray, cx: float, cy: float, jw: float, rng: np.rando
 
 
 def drawn_film(rng: np.random.Generator, *, bilateral: bool, long_leg: bool = False, height: int | None = None,
-               margin: float = GT_MARGIN, clutter: bool = True, bits: int = 8):
+               margin: float = GT_MARGIN, clutter: bool = True, bits: int = 8, implants: tuple[bool, ...] = ()):
     """A drawn PA film: one or two knees (image-left 'R'), or a long-leg standing film (hip to ankle)."""
     jw = float(rng.uniform(120, 260))
     n = 2 if bilateral else 1
@@ -199,7 +202,7 @@ def drawn_film(rng: np.random.Generator, *, bilateral: bool, long_leg: bool = Fa
     atten = tissue + bones
     film = 255.0 * (1.0 - np.exp(-2.2 * atten)) * rng.uniform(0.85, 1.0) + rng.uniform(0, 20)
     sides = ["R", "L"] if bilateral else ["U"]
-    return _finish(film, boxes, sides, rng, height=height, margin=margin, clutter=clutter, bits=bits)
+    return _finish(film, boxes, sides, rng, height=height, margin=margin, clutter=clutter, bits=bits, implants=implants)
 
 
 # ------------------------------------------------------------------------------------------------ common
@@ -238,8 +241,38 @@ def film_clutter(img: np.ndarray, rng: np.random.Generator, keep_out: list[tuple
     np.maximum(img, text.astype(np.float32) * (hi / 255.0), out=img)
 
 
+def draw_implant(film: np.ndarray, cx: float, cy: float, jw: float, rng: np.random.Generator) -> None:
+    """In place: a total knee replacement as a PA film shows it, around the joint-space centre ``(cx, cy)`` of a knee
+    of joint width ``jw``: a metal femoral component capping both condyles (the notch open between them), a
+    radiolucent polyethylene insert (the new "joint space"), and a metal tibial tray with its keel. Metal stops
+    nearly all of the beam, so it is drawn above the film's brightest level (it saturates) with sharp edges."""
+    metal = np.zeros_like(film)
+    ins = jw * rng.uniform(0.035, 0.06)  # half the insert's thickness
+    fem_bottom, tray_top = cy - ins, cy + ins
+    for sgn in (-1, 1):  # condylar runners
+        cv2.ellipse(metal, (int(cx + sgn * jw * 0.24), int(fem_bottom - jw * 0.17)),
+                    (int(jw * rng.uniform(0.22, 0.26)), int(jw * 0.17)), 0, 0, 360, 1.0, -1)
+    cv2.rectangle(metal, (int(cx - jw * 0.44), int(fem_bottom - jw * rng.uniform(0.3, 0.42))),
+                  (int(cx + jw * 0.44), int(fem_bottom - jw * 0.17)), 1.0, -1)
+    cv2.ellipse(metal, (int(cx), int(fem_bottom)), (int(jw * 0.07), int(jw * 0.16)), 0, 0, 360, 0.0, -1)  # notch box
+    metal[int(fem_bottom) + 1:] = 0.0
+    tray = np.array([[cx - jw * 0.45, tray_top], [cx + jw * 0.45, tray_top], [cx + jw * 0.45, tray_top + jw * 0.05],
+                     [cx + jw * 0.08, tray_top + jw * 0.05], [cx + jw * 0.05, tray_top + jw * rng.uniform(0.3, 0.45)],
+                     [cx - jw * 0.05, tray_top + jw * 0.4], [cx - jw * 0.08, tray_top + jw * 0.05],
+                     [cx - jw * 0.45, tray_top + jw * 0.05]], np.int32)
+    cv2.fillPoly(metal, [tray], 1.0)
+    metal = cv2.GaussianBlur(metal, (0, 0), max(0.5, jw * 0.004))
+    level = float(film.max()) * 1.05 + 5.0
+    np.maximum(film, metal * level, out=film)
+
+
 def _finish(film: np.ndarray, boxes: list[tuple[float, float, float]], sides: list[str], rng: np.random.Generator, *,
-            height: int | None, margin: float, clutter: bool, bits: int):
+            height: int | None, margin: float, clutter: bool, bits: int, implants: tuple[bool, ...] = ()):
+    if any(implants):  # drawn with a stream of their own, so films without implants stay as they were
+        metal_rng = np.random.default_rng(int(film.shape[0] * 7919 + film.shape[1]))
+        for (cx, cy, jw), on in zip(boxes, implants):
+            if on:
+                draw_implant(film, cx, cy, jw, metal_rng)
     h0 = film.shape[0]
     height = int(height or rng.integers(400, 3001))
     s = height / h0
@@ -263,10 +296,11 @@ def _finish(film: np.ndarray, boxes: list[tuple[float, float, float]], sides: li
 
 # ------------------------------------------------------------------------------------------------ held-out sets
 def held_out_set(gen: str, n: int, seed: int, real: Path | None = None, heights: tuple[int, int] = (400, 3000),
-                 height: int | None = None):
+                 height: int | None = None, implants: bool = False):
     """``n`` single-knee and ``n`` bilateral films from generator ``gen`` ('stitched': real crops from
     ``real/val/*/*{R,L}.jpg``; 'drawn': every 4th bilateral one a long-leg film), fixed seeds, heights drawn from
-    ``heights`` (or all ``height``), a quarter of them 16-bit. Yields ``(img, truth)``."""
+    ``heights`` (or all ``height``), a quarter of them 16-bit. ``implants``: the image-left knee of every film has a
+    knee replacement (:func:`draw_implant`), its truth ``implant=True``. Yields ``(img, truth)``."""
     if gen == "stitched":
         right, left = sorted(real.glob("val/*/*R.jpg")), sorted(real.glob("val/*/*L.jpg"))
 
@@ -275,23 +309,32 @@ def held_out_set(gen: str, n: int, seed: int, real: Path | None = None, heights:
     for i in range(2 * n):
         rng = np.random.default_rng(seed + i)
         two = i % 2 == 1
-        kw = {"height": height or int(rng.integers(heights[0], heights[1] + 1)), "bits": 16 if i % 4 == 3 else 8}
+        kw = {"height": height or int(rng.integers(heights[0], heights[1] + 1)), "bits": 16 if i % 4 == 3 else 8,
+              "implants": (implants, False)}
         if gen == "stitched":
             crops = [read(right[(7 * i) % len(right)])] + ([read(left[(11 * i) % len(left)])] if two else [])
-            yield stitched_film(crops, rng, **kw)
+            img, truth = stitched_film(crops, rng, **kw)
         else:
-            yield drawn_film(rng, bilateral=two, long_leg=two and i % 8 == 7, **kw)
+            img, truth = drawn_film(rng, bilateral=two, long_leg=two and i % 8 == 7, **kw)
+        for t, on in zip(truth, kw["implants"]):
+            t["implant"] = on
+        yield img, truth
 
 
 def held_out_scores(films, detect) -> dict:
     """Localisation figures of ``detect`` (image -> boxes) over ``(img, truth)`` films: mean best-match IoU for
     single and bilateral films, the share of bilateral films found as two knees, and as R then L, and the share of
-    single films kept as one knee."""
+    single films kept as one knee; the share of knees with a drawn implant whose box is flagged ``implant``, and of
+    knees without one whose box is."""
     from koa_ray.data.roi import box_iou
 
-    single, bilateral, two, one, sides = [], [], [], [], []
+    single, bilateral, two, one, sides, flagged, false_flags = [], [], [], [], [], [], []
     for img, truth in films:
         boxes = detect(img)
+        for t in truth:  # the implant flag of the box that matches each knee best (a knee no box covers: unflagged)
+            best = max(boxes, key=lambda b: box_iou(b, (t["x0"], t["y0"], t["x1"], t["y1"])))
+            found = box_iou(best, (t["x0"], t["y0"], t["x1"], t["y1"])) > 0.3
+            (flagged if t.get("implant") else false_flags).append(found and bool(best.implant))
         if len(truth) == 2:
             two.append(len(boxes) == 2)
             sides.append([b.side for b in boxes] == ["R", "L"])
@@ -302,4 +345,6 @@ def held_out_scores(films, detect) -> dict:
             (bilateral if len(truth) == 2 else single).append(iou)
     return {"single_iou": float(np.mean(single)), "bilateral_iou": float(np.mean(bilateral)),
             "two_knee_rate": float(np.mean(two)), "sides_rl": float(np.mean(sides)),
-            "single_kept_whole": float(np.mean(one)), "n_films": len(one) + len(two)}
+            "single_kept_whole": float(np.mean(one)), "n_films": len(one) + len(two),
+            "implants_flagged": float(np.mean(flagged)) if flagged else None,
+            "false_implant_flags": float(np.mean(false_flags)) if false_flags else None}

@@ -31,7 +31,8 @@ def test_synth_roi_prepare_via_cli(tmp_path, capsys):
     (tmp_path / "bi" / "images" / "zz_bad.png").write_bytes(b"nope")
     assert main(["roi", str(tmp_path / "bi" / "images"), "--out", str(tmp_path / "boxes.csv")]) == 0
     boxes = pd.read_csv(tmp_path / "boxes.csv")
-    assert list(boxes.columns) == ["path", "x0", "y0", "x1", "y1", "side", "score", "roi_fallback"]
+    assert list(boxes.columns) == ["path", "x0", "y0", "x1", "y1", "side", "score", "roi_fallback", "implant"]
+    assert not boxes["implant"].any()
     assert len(boxes) == 6 and sorted(boxes["side"]) == ["L"] * 3 + ["R"] * 3
     assert ((boxes.x1 - boxes.x0) == (boxes.y1 - boxes.y0)).all()
     errors = pd.read_csv(tmp_path / "boxes.errors.csv")

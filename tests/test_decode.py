@@ -121,3 +121,29 @@ def test_decode_bytes_min_side():
     assert decode_bytes(buf.getvalue(), min_side=32).shape == (40, 40)
     with pytest.raises(DecodeError):
         decode_bytes(buf.getvalue(), min_side=48)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims ``width`` x ``height`` pixels and that carries no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + \
+        chunk(b"IEND", b"")
+
+
+def test_hostile_sizes_are_per_file_errors(tmp_path):
+    """A decompression-bomb header (30000 x 30000) and a 2 GB (sparse) file become DecodeErrors that name the
+    file, before anything large is decoded or read."""
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header_only(30000, 30000))
+    with pytest.raises(DecodeError, match="bomb.png: image too large"):
+        read_image(bomb)
+    huge = tmp_path / "huge.png"
+    with open(huge, "wb") as f:
+        f.truncate(2 * 1024**3)  # sparse: no disk used, and never read
+    with pytest.raises(DecodeError, match=r"huge.png: file too large \(2147483648 bytes"):
+        read_image(huge)

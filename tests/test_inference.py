@@ -79,6 +79,19 @@ def test_score_resume_after_interruption(ray_session, tiny_run, score_inputs, tm
     pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-5)
     again = score([str(root)], str(run), part, batch_size=4, resume=True)
     assert again["n_new_files"] == 0 and again["n_rows"] == len(b)
+    # killed after writing the output and before removing its parts: both are there; resume keeps each path once
+    from koa_ray.score import parts_dir
+
+    parts_dir(part).mkdir()
+    pd.read_parquet(part).iloc[::-1].to_parquet(parts_dir(part) / "part-00000.parquet")
+    healed = score([str(root)], str(run), part, batch_size=4, resume=True)
+    c = pd.read_parquet(part)
+    assert healed["n_new_files"] == 0 and len(c) == len(b) == healed["n_rows"]
+    assert c.groupby("path").size().to_dict() == pd.read_parquet(full).groupby("path").size().to_dict()
+    # rows of another checkpoint are never mixed in
+    c.assign(model="other-run/checkpoint_epoch_0007").to_parquet(part)
+    with pytest.raises(ValueError, match=r"other-run/checkpoint_epoch_0007.*another --out"):
+        score([str(root)], str(run), part, batch_size=4, resume=True)
 
 
 def test_gradcam_maps_and_hooks_released(tiny_run):

@@ -254,6 +254,21 @@ def test_held_out_films_one_or_two_knees(gen):
     assert r["bilateral_iou"] >= 0.85, f"bilateral mean IoU {r['bilateral_iou']:.3f}"
 
 
+@pytest.mark.parametrize("gen", ["stitched", "drawn"])
+def test_knee_replacements_are_flagged_on_held_out_films(gen):
+    """A knee replacement (metal femoral component and tibial tray, drawn into held-out films) is flagged
+    ``implant`` on its own box, and the other knee of a bilateral film is not; films without metal get no flag."""
+    if gen == "stitched" and not REAL.is_dir():
+        pytest.skip("real knee-kl224 crops (../shared) not available")
+    with_metal = held_out_scores(held_out_set(gen, 6, seed=7100, real=REAL, heights=(400, 2000), implants=True),
+                                 detect_knees)
+    assert with_metal["implants_flagged"] >= 0.9, with_metal
+    assert with_metal["false_implant_flags"] == 0.0, with_metal  # the other knee of each bilateral film
+    assert with_metal["two_knee_rate"] >= 0.8, with_metal  # and the metal does not hide the pair
+    plain = held_out_scores(held_out_set(gen, 6, seed=7100, real=REAL, heights=(400, 2000)), detect_knees)
+    assert plain["false_implant_flags"] == 0.0, plain
+
+
 def test_roi_cli_draws_boxes(tmp_path, capsys):
     """``koa roi --draw DIR`` writes every image with its boxes drawn (green = found), next to the CSV rows."""
     from koa_ray.cli import main
@@ -267,6 +282,7 @@ def test_roi_cli_draws_boxes(tmp_path, capsys):
     boxes = pd.read_csv(tmp_path / "b.csv")
     film_rows = boxes[boxes.path.str.endswith("film.png")]
     assert film_rows["side"].tolist() == ["R", "L"]
+    assert not boxes["implant"].any()  # no metal in these
     pic = cv2.imread(str(tmp_path / "drawn" / "film.png"))
     assert pic.shape[:2] == img.shape  # <= 1024 px: drawn at full size
     for r in film_rows.itertuples():  # the box outline is drawn in green where the CSV says the box is
@@ -280,5 +296,7 @@ def test_real_single_knee_crops_are_never_split():
     """One knee or two is decided from the image: 300 real single-knee crops (some inverted, some with staples)
     each stay one knee. Measured on all 6,604 knee-kl224 files: 1 split (an inverted crop)."""
     paths = _real_sample(60, seed=11, splits=("train",))
-    counts = [len(detect_knees(_read(p), side_hint=p.stem[-1])) for p in paths]
-    assert counts == [1] * len(paths), [str(p) for p, c in zip(paths, counts) if c != 1]
+    found = [detect_knees(_read(p), side_hint=p.stem[-1]) for p in paths]
+    assert [len(b) for b in found] == [1] * len(paths), [str(p) for p, b in zip(paths, found) if len(b) != 1]
+    # and no real knee (none of the set has a replacement; some are over-exposed) is flagged as an implant
+    assert not [str(p) for p, b in zip(paths, found) if b[0].implant]

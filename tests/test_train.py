@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from koa_ray.config import ConfigError, TrainConfig, load_train_config
+from koa_ray.config import ConfigError, OptimConfig, TrainConfig, load_train_config
 from koa_ray.metrics import classification_metrics
 from koa_ray.train.checkpoint import META, WEIGHTS, resolve_checkpoint
 
@@ -182,3 +182,60 @@ def test_bf16_cpu_training_learns_and_checkpoint_matches_fp32_inference(prepared
     assert meta["train_config"]["amp"] == "bf16"
     m = classification_metrics(y, pred)
     assert m["confusion_matrix"] == meta["metrics"]["val_confusion_matrix"]
+
+
+def test_weight_ema_is_the_exponential_average_of_the_weights():
+    """One update is ``d * ema + (1 - d) * w`` with the warmed-up decay, for parameters and BN statistics alike;
+    integer buffers are copied; the average is a separate copy that training does not touch."""
+    from koa_ray.train.ema import ModelEma, ema_decay_at
+
+    assert ema_decay_at(0.999, 0) == pytest.approx(0.1) and ema_decay_at(0.999, 90) == pytest.approx(0.91)
+    assert ema_decay_at(0.999, 10**6) == 0.999
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    ema = ModelEma(model, decay=0.999)
+    model.train()
+    model(torch.randn(8, 3)).sum().backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    w1 = model.state_dict()
+    ema.update(model)
+    avg = ema.module.state_dict()
+    for k in w0:
+        if w0[k].dtype.is_floating_point:
+            assert torch.allclose(avg[k], 0.1 * w0[k] + 0.9 * w1[k]), k
+        else:
+            assert int(avg[k]) == int(w1[k]) == 1, k
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    with pytest.raises(ValueError, match="decay=1.0"):
+        ModelEma(model, 1.0)
+    with pytest.raises(ConfigError, match="optim.ema_decay"):
+        load_train_config(sets=["optim.ema_decay=1.5"])
+
+
+def test_local_training_with_weight_ema_saves_and_resumes_both_weights(prepared, tmp_path):
+    """With ``optim.ema_decay``, model.pt is the average (and reproduces the logged val metrics), train_state.pt
+    carries the raw weights, and a resumed run continues from both."""
+    from koa_ray.train.local import fit_local
+    from koa_ray.train.checkpoint import TRAIN_STATE
+
+    cfg = TrainConfig(data=str(prepared), out=str(tmp_path), name="ema", epochs=2,
+                      **{**TINY, "optim": OptimConfig(lr=3e-3, ema_decay=0.99)})
+    fit_local(cfg)
+    ckpt = sorted((tmp_path / "ema").glob("checkpoint_epoch_*"))[-1]
+    averaged = torch.load(ckpt / WEIGHTS, weights_only=True)
+    state = torch.load(ckpt / TRAIN_STATE, weights_only=True)
+    per_epoch = np.ceil(pd.read_csv(tmp_path / "ema" / "metrics.csv")["train_images"] / 32).astype(int).tolist()
+    assert state["ema"]["updates"] == sum(per_epoch)
+    differs = [k for k in averaged if averaged[k].dtype.is_floating_point
+               and not torch.allclose(averaged[k], state["model"][k])]
+    assert len(differs) > len(averaged) // 2
+    y, pred, meta = val_predictions(ckpt, prepared)
+    assert classification_metrics(y, pred)["confusion_matrix"] == meta["metrics"]["val_confusion_matrix"]
+    fit_local(TrainConfig(**{**cfg.__dict__, "epochs": 3}))
+    assert pd.read_csv(tmp_path / "ema" / "metrics.csv")["epoch"].tolist() == [0, 1, 2]
+    per_epoch = np.ceil(pd.read_csv(tmp_path / "ema" / "metrics.csv")["train_images"] / 32).astype(int).tolist()
+    last = torch.load(sorted((tmp_path / "ema").glob("checkpoint_epoch_*"))[-1] / TRAIN_STATE, weights_only=True)
+    assert len(per_epoch) == 3 and last["ema"]["updates"] == sum(per_epoch)  # the count went on from the saved one

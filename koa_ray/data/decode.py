@@ -17,6 +17,9 @@ import numpy as np
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom")
 MIN_SIDE = 32
+# Larger files are refused before they are read (a 16-bit 3000 x 3000 DICOM is ~18 MB; a multi-frame one may be
+# a few hundred MB): a stray multi-GB file would otherwise be read whole into a worker's memory.
+MAX_FILE_BYTES = 1 << 30
 
 
 class DecodeError(ValueError):
@@ -80,6 +83,8 @@ def decode_raster(data: bytes, path: str = "<bytes>") -> np.ndarray:
             arr = np.asarray(im)
     except UnidentifiedImageError as e:
         raise DecodeError(path, "not an image (unrecognised format)") from e
+    except Image.DecompressionBombError as e:  # a header claiming a huge raster: refused before decoding it
+        raise DecodeError(path, f"image too large (decompression bomb guard): {e}") from e
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt stream
         raise DecodeError(path, f"corrupt or truncated image: {e}") from e
     if arr.dtype == np.bool_:
@@ -149,9 +154,13 @@ def decode_bytes(data: bytes, path: str = "<bytes>", min_side: int = MIN_SIDE) -
     return np.ascontiguousarray(img)
 
 
-def read_bytes(path: str | os.PathLike) -> bytes:
+def read_bytes(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of ``path``; raises :class:`DecodeError` when it cannot be read or is larger than ``max_bytes``."""
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise DecodeError(str(path), f"file too large ({size} bytes, limit {max_bytes})")
             return f.read()
     except OSError as e:
         raise DecodeError(str(path), f"unreadable path: {e.strerror or e}") from e

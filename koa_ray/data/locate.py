@@ -10,7 +10,7 @@ from koa_ray.data.decode import DecodeError, read_image
 from koa_ray.data.ingest import IngestConfig, expand_inputs, parse_patient_side
 from koa_ray.data.roi import RoiConfig, detect_knees, draw_boxes
 
-BOX_COLUMNS = ["path", "x0", "y0", "x1", "y1", "side", "score", "roi_fallback"]
+BOX_COLUMNS = ["path", "x0", "y0", "x1", "y1", "side", "score", "roi_fallback", "implant"]
 
 
 def locate_knees(inputs: list[str], cfg: RoiConfig = RoiConfig(), ingest: IngestConfig = IngestConfig(),
@@ -35,7 +35,8 @@ def locate_knees(inputs: list[str], cfg: RoiConfig = RoiConfig(), ingest: Ingest
         boxes = detect_knees(img, cfg, side_hint=side or None)
         for b in boxes:
             rows.append({"path": path, "x0": b.x0, "y0": b.y0, "x1": b.x1, "y1": b.y1, "side": b.side,
-                         "score": round(float(b.score), 4), "roi_fallback": bool(b.fallback)})
+                         "score": round(float(b.score), 4), "roi_fallback": bool(b.fallback),
+                         "implant": bool(b.implant)})
         if draw_dir is not None:
             stem, n = Path(path).stem, 1
             while (name := stem if n == 1 else f"{stem}-{n}") in used:

@@ -25,7 +25,7 @@ from koa_ray.data.ingest import IngestConfig, discover
 from koa_ray.data.roi import RoiConfig, crop_knee, detect_knees
 
 RECORD_COLUMNS = ["path", "knee", "label", "split", "patient_id", "side", "image", "size", "x0", "y0", "x1", "y1",
-                  "roi_score", "roi_fallback", "status", "error"]
+                  "roi_score", "roi_fallback", "roi_implant", "status", "error"]
 MANIFEST = "manifest.json"
 ERRORS = "errors.csv"
 
@@ -82,16 +82,17 @@ def process_file(row: dict, cfg: PrepConfig) -> list[dict]:
         crops = knee_crops(img, cfg, side_hint=base["side"])
     except DecodeError as e:
         return [{**base, "knee": 0, "image": b"", "size": 0, "x0": -1, "y0": -1, "x1": -1, "y1": -1,
-                 "roi_score": 0.0, "roi_fallback": False, "status": "error", "error": e.reason}]
+                 "roi_score": 0.0, "roi_fallback": False, "roi_implant": False, "status": "error", "error": e.reason}]
     except Exception as e:  # noqa: BLE001 - any per-file failure is recorded, never allowed to drop its neighbours
         return [{**base, "knee": 0, "image": b"", "size": 0, "x0": -1, "y0": -1, "x1": -1, "y1": -1,
-                 "roi_score": 0.0, "roi_fallback": False, "status": "error", "error": f"{type(e).__name__}: {e}"}]
+                 "roi_score": 0.0, "roi_fallback": False, "roi_implant": False, "status": "error", "error": f"{type(e).__name__}: {e}"}]
     out = []
     for k, (crop, box) in enumerate(crops):
         out.append({**base, "knee": k, "side": box.side if box.side in ("L", "R") else base["side"],
                     "image": np.ascontiguousarray(crop, np.uint8).tobytes(), "size": int(crop.shape[0]),
                     "x0": int(box.x0), "y0": int(box.y0), "x1": int(box.x1), "y1": int(box.y1),
-                    "roi_score": float(box.score), "roi_fallback": bool(box.fallback), "status": "ok", "error": ""})
+                    "roi_score": float(box.score), "roi_fallback": bool(box.fallback),
+                    "roi_implant": bool(box.implant), "status": "ok", "error": ""})
     return out
 
 
@@ -136,6 +137,7 @@ def _summarise(meta: pd.DataFrame, inputs: pd.DataFrame, out: Path, source: str,
         "source": str(source), "out": str(out), "package_version": __version__, "fingerprint": fp, "mode": mode,
         "n_inputs": int(len(inputs)), "n_ok_files": int(n_files_ok), "n_knees": int(len(ok)),
         "n_errors": int(len(errors)), "n_roi_fallback": int(ok["roi_fallback"].sum()),
+        "n_roi_implant": int(ok["roi_implant"].sum()),
         "counts": counts, "splits": sorted(counts), "image_size": cfg.image_size,
         "prep": {**cfg.to_dict(), "side": side},
         "duration_s": round(seconds, 2), "images_per_s": round(len(inputs) / max(seconds, 1e-9), 2),

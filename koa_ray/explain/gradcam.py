@@ -113,8 +113,8 @@ class GradCamActor:
                 ks = self.p.knees_from_image(img, str(path), side=side or None)
                 knees.extend((k, i) for i, k in enumerate(ks))
                 film = self.out / f"{_stem(str(path), 0, '')}_film.png"
-                boxes = [KneeBox(k.x0, k.y0, k.x1, k.y1, k.side or "U", k.roi_score, bool(k.roi_fallback))
-                         for k in ks]
+                boxes = [KneeBox(k.x0, k.y0, k.x1, k.y1, k.side or "U", k.roi_score, bool(k.roi_fallback),
+                                 implant=bool(k.implant)) for k in ks]
                 _write_png(film, draw_boxes(img, boxes, max_side=400)[..., ::-1])  # BGR picture -> RGB
                 films[str(path)] = film.name
             except DecodeError as e:

@@ -2,10 +2,12 @@
 
 Layout of a checkpoint directory::
 
-    model.pt         state dict of the bare model (no DDP prefix); ``torch.load(path, weights_only=True)`` safe
+    model.pt         state dict of the bare model (no DDP prefix); ``torch.load(path, weights_only=True)`` safe;
+                     with weight EMA (``optim.ema_decay``) the averaged weights, the ones validated and served
     koa.json         format, model build config, preprocessing (prep + input size + normalisation), class names,
                      the resolved training config, the epoch, its validation metrics and the run history
-    train_state.pt   optimizer/scheduler/early-stopping state for resuming (optional)
+    train_state.pt   optimizer/scheduler/early-stopping state for resuming (optional); with weight EMA also the
+                     raw weights (``model``) and the EMA's update count (``ema``)
 
 A *run directory* holds ``best.json`` pointing at its best checkpoint; every loader accepts either.
 """
@@ -61,6 +63,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise FileNotFoundError(f"{p / BEST_POINTER} points at {target}, which is not a checkpoint directory")
     raise FileNotFoundError(f"{p} is neither a checkpoint directory ({META} + {WEIGHTS}) nor a run directory "
                             f"with {BEST_POINTER}")
+
+
+def model_id(checkpoint_dir: str | Path) -> str:
+    """How outputs name the model of a checkpoint directory: ``RUN/CHECKPOINT`` (its last two path parts)."""
+    p = Path(checkpoint_dir)
+    return f"{p.parent.name}/{p.name}"
 
 
 def read_meta(path: str | Path) -> dict:

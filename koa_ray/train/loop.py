@@ -23,7 +23,8 @@ from koa_ray.config import TrainConfig, to_dict
 from koa_ray.data.augment import GRAY_MEAN, GRAY_STD
 from koa_ray.losses import build_loss, class_weights
 from koa_ray.metrics import DECODINGS, classification_metrics, decode_grades
-from koa_ray.train.checkpoint import TRAIN_STATE, save_checkpoint
+from koa_ray.train.checkpoint import TRAIN_STATE, WEIGHTS, save_checkpoint, unwrap
+from koa_ray.train.ema import ModelEma
 
 NUM_CLASSES = 5
 
@@ -183,12 +184,17 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
     start_epoch, best_qwk, bad_epochs, history = 0, -math.inf, 0, []
+    ema = None
     with session.latest_checkpoint() as ckpt:
         if ckpt is not None and (Path(ckpt) / TRAIN_STATE).is_file():
             state = torch.load(Path(ckpt) / TRAIN_STATE, map_location="cpu", weights_only=True)
-            from koa_ray.train.checkpoint import WEIGHTS, unwrap
-
-            unwrap(model).load_state_dict(torch.load(Path(ckpt) / WEIGHTS, map_location="cpu", weights_only=True))
+            saved = torch.load(Path(ckpt) / WEIGHTS, map_location="cpu", weights_only=True)
+            # with weight EMA, model.pt holds the average and train_state.pt the raw weights
+            unwrap(model).load_state_dict(state.get("model", saved))
+            if cfg.optim.ema_decay > 0:
+                ema = ModelEma(unwrap(model), cfg.optim.ema_decay)
+                ema.module.load_state_dict(saved)
+                ema.load_state_dict(state.get("ema", {"updates": 0}))
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             start_epoch, best_qwk, bad_epochs = state["epoch"] + 1, state["best_qwk"], state["bad_epochs"]
@@ -197,6 +203,9 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session) -> None:
             history = json.loads(state["history_json"])
             if session.rank == 0:
                 print(f"[koa] resuming from {ckpt} at epoch {start_epoch}", flush=True)
+    if ema is None and cfg.optim.ema_decay > 0:
+        ema = ModelEma(unwrap(model), cfg.optim.ema_decay)
+    eval_model = ema.module if ema is not None else model  # what is validated, ranked and saved as model.pt
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
@@ -221,6 +230,8 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session) -> None:
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if ema is not None:
+                ema.update(unwrap(model))
             seen += torch.bincount(y.cpu(), minlength=NUM_CLASSES).double()
             loss_sum += float(loss.detach()) * len(y)
         train_time = time.perf_counter() - t0
@@ -228,7 +239,7 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session) -> None:
         loss_sum = session.all_reduce(loss_sum)
         n_seen = float(seen.sum())
 
-        cms, val_loss_sum, n_val = evaluate_batches(model, session.val_batches(), device, eval_loss,
+        cms, val_loss_sum, n_val = evaluate_batches(eval_model, session.val_batches(), device, eval_loss,
                                                     eval_autocast_dtype(amp, device), cfg.channels_last)
         cms = {how: session.all_reduce(torch.as_tensor(c, dtype=torch.float64)).numpy().astype(np.int64)
                for how, c in cms.items()}
@@ -269,7 +280,10 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session) -> None:
                 ckpt_dir = Path(tmp)
                 state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
                          "best_qwk": best_qwk, "bad_epochs": bad_epochs, "history_json": json.dumps(history)}
-                save_checkpoint(ckpt_dir, model, checkpoint_meta(cfg, model_cfg, data, epoch,
+                if ema is not None:
+                    state["model"] = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+                    state["ema"] = ema.state_dict()
+                save_checkpoint(ckpt_dir, eval_model, checkpoint_meta(cfg, model_cfg, data, epoch,
                                                                  {**metrics, "val": val}, history), state)
             session.report(metrics, ckpt_dir)
         if stop:
