@@ -53,6 +53,13 @@ def dashboard_port(preferred: int = 8265) -> int:
     raise RuntimeError("no free TCP port on 127.0.0.1 for the Ray dashboard")
 
 
+def local_resources() -> dict:
+    """What a local Ray instance started by :func:`init_ray` will offer: this machine's CPUs and CUDA GPUs."""
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
 def cluster_cpus() -> float:
     import ray
 

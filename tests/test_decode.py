@@ -147,3 +147,18 @@ def test_hostile_sizes_are_per_file_errors(tmp_path):
         f.truncate(2 * 1024**3)  # sparse: no disk used, and never read
     with pytest.raises(DecodeError, match=r"huge.png: file too large \(2147483648 bytes"):
         read_image(huge)
+
+
+def test_16bit_outlier_pixels_do_not_crush_contrast(tmp_path):
+    """A 16-bit image whose values span 14k-26k, with one hot (65535) and one dead (0) pixel, is windowed on its
+    robust range: the anatomy keeps its contrast (min-max scaling would squeeze it into ~50 grey levels)."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(20000, 2000, (128, 128)).clip(14000, 26000).astype(np.uint16)
+    a[5, 5], a[6, 6] = 65535, 0
+    Image.fromarray(a).save(tmp_path / "x.tif")
+    out = read_image(tmp_path / "x.tif")
+    rest = np.ones(a.shape, bool)
+    rest[5, 5] = rest[6, 6] = False
+    assert out[rest].max() - out[rest].min() > 200  # min-max would give ~47
+    assert out[5, 5] == 255 and out[6, 6] == 0
+    assert np.corrcoef(out[rest].astype(float), a[rest].astype(float))[0, 1] > 0.99  # order kept

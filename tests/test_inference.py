@@ -288,3 +288,43 @@ def test_bilateral_film_of_real_knees_gives_two_knees_everywhere(ray_session, ti
     run_gradcam([str(film)], str(run), tmp_path / "cam", batch_size=2)
     cams = pd.read_csv(tmp_path / "cam" / "index.csv", keep_default_na=False)
     assert cams.sort_values("knee")[cols].values.tolist() == boxes[cols].values.tolist()
+
+
+class _RunsCode:
+    """Pickles into a call of ``os.system`` (what a malicious checkpoint would carry)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoint_loaders_refuse_code_and_name_truncated_files(tiny_run, tmp_path):
+    """A model.pt that would run code when unpickled is refused (and nothing runs); a truncated one gives an error
+    that names the file. Both through every loader: load_checkpoint (score/evaluate/gradcam) and resume."""
+    import torch
+
+    from koa_ray.inference import Predictor
+    from koa_ray.train.checkpoint import TRAIN_STATE, WEIGHTS, load_checkpoint, load_tensors, resolve_checkpoint
+
+    good = resolve_checkpoint(tiny_run[0])
+    evil = tmp_path / "evil"
+    shutil.copytree(good, evil)
+    marker = tmp_path / "pwned"
+    torch.save({"w": _RunsCode(marker)}, evil / WEIGHTS)
+    for load in (load_checkpoint, Predictor, lambda d: load_tensors(d / WEIGHTS)):
+        with pytest.raises(ValueError, match=r"model.pt: refused: .*Python objects"):
+            load(evil)
+    torch.save({"optimizer": _RunsCode(marker)}, evil / TRAIN_STATE)
+    with pytest.raises(ValueError, match=r"train_state.pt: refused"):
+        load_tensors(evil / TRAIN_STATE)
+    assert not marker.exists()  # the payload never ran
+    cut = tmp_path / "cut"
+    shutil.copytree(good, cut)
+    data = (good / WEIGHTS).read_bytes()
+    (cut / WEIGHTS).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut/model.pt: not a readable PyTorch file"):
+        load_checkpoint(cut)

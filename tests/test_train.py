@@ -239,3 +239,34 @@ def test_local_training_with_weight_ema_saves_and_resumes_both_weights(prepared,
     per_epoch = np.ceil(pd.read_csv(tmp_path / "ema" / "metrics.csv")["train_images"] / 32).astype(int).tolist()
     last = torch.load(sorted((tmp_path / "ema").glob("checkpoint_epoch_*"))[-1] / TRAIN_STATE, weights_only=True)
     assert len(per_epoch) == 3 and last["ema"]["updates"] == sum(per_epoch)  # the count went on from the saved one
+
+
+@pytest.mark.parametrize("sets, field", [
+    (["optim.lr=-0.001"], "optim.lr"),
+    (["model.attention=eca"], "model.attention"),
+    (["loss.alpha=[1, 2, 3]"], "loss.alpha"),
+    (["data=/nonexistent/prep"], "data='/nonexistent/prep': no such folder"),
+    (["data={tmp}"], "not prepared data (no manifest.json)"),
+    (["out=/proc/koa-runs"], "out='/proc/koa-runs': not writable"),
+    (["workers=3", "cpus_per_worker=64"], "workers x cpus_per_worker = 3 x 64 = 192 CPUs"),
+    (["gpu=true"] if not torch.cuda.is_available() else ["workers=64", "gpu=true"], "gpu=true with workers="),
+])
+def test_bad_train_settings_fail_before_ray_starts(prepared, tmp_path, monkeypatch, capsys, sets, field):
+    """Each bad setting ends `koa train` with exit code 2 and one line naming the field, before Ray is started."""
+    from koa_ray import cli, runtime
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(runtime, "init_ray", no_ray)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh `koa train` process
+    argv = ["train", "--data", str(prepared), "--out", str(tmp_path / "runs"), "--name", "bad"]
+    for s in sets:
+        argv += ["--set", s.format(tmp=tmp_path)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert field in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs" / "bad").exists()

@@ -44,8 +44,13 @@ def is_candidate_file(path: str | os.PathLike) -> bool:
     return suffix in IMAGE_EXTENSIONS or suffix == "" or not suffix[1:].isalpha()
 
 
-def to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Min-max scale any numeric 2-D array to uint8 (uint8 input is returned unchanged)."""
+ROBUST_PERCENTILES = (0.05, 99.95)  # window of un-windowed 16-bit/float images: a few outlier pixels are clipped
+
+
+def to_uint8(arr: np.ndarray, robust: bool = False) -> np.ndarray:
+    """Scale any numeric 2-D array to uint8 (uint8 input is returned unchanged): min-max, or with ``robust`` between
+    the ``ROBUST_PERCENTILES`` of its values, so that a single hot or dead pixel in a 16-bit image cannot crush the
+    contrast of the rest (min-max when that window is empty)."""
     if arr.dtype == np.uint8:
         return arr
     a = arr.astype(np.float32)
@@ -53,6 +58,11 @@ def to_uint8(arr: np.ndarray) -> np.ndarray:
     if not finite.all():
         a = np.where(finite, a, 0.0)
     lo, hi = float(a.min()), float(a.max())
+    if robust and a.size:
+        step = max(1, int(np.sqrt(a.size / 1_000_000)))  # ~1 M samples are plenty for the percentiles
+        plo, phi = (float(v) for v in np.percentile(a[::step, ::step], ROBUST_PERCENTILES))
+        if phi > plo:
+            lo, hi = plo, phi
     if hi <= lo:
         return np.zeros(a.shape, np.uint8)
     return np.clip((a - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
@@ -91,7 +101,7 @@ def decode_raster(data: bytes, path: str = "<bytes>") -> np.ndarray:
         arr = arr.astype(np.uint8) * 255
     if arr.dtype.kind in "iuf" and arr.dtype != np.uint8:
         arr = _to_gray(arr) if arr.ndim == 3 else arr
-        return to_uint8(arr)
+        return to_uint8(arr, robust=True)
     return _to_gray(arr)
 
 
@@ -119,9 +129,10 @@ def decode_dicom(data: bytes, path: str = "<bytes>") -> np.ndarray:
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
         arr = apply_modality_lut(arr, ds)
-        if "VOILUTSequence" in ds or "WindowCenter" in ds:
+        windowed = "VOILUTSequence" in ds or "WindowCenter" in ds
+        if windowed:
             arr = apply_voi_lut(arr, ds, index=0)
-        out = to_uint8(np.asarray(arr, np.float32))
+        out = to_uint8(np.asarray(arr, np.float32), robust=not windowed)  # the window, else a robust range
         if photometric == "MONOCHROME1":
             out = 255 - out
         return out
@@ -163,6 +174,8 @@ def read_bytes(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> byte
                 raise DecodeError(str(path), f"file too large ({size} bytes, limit {max_bytes})")
             return f.read()
     except OSError as e:
+        if isinstance(e, FileNotFoundError) and "\\x" in str(path) and not os.path.lexists(path):
+            raise DecodeError(str(path), "file name is not valid UTF-8 (shown escaped); rename the file") from e
         raise DecodeError(str(path), f"unreadable path: {e.strerror or e}") from e
 
 

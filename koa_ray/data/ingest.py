@@ -70,11 +70,22 @@ def parse_patient_side(path: str, regex: str = IngestConfig.patient_regex) -> tu
     return m.group("patient"), side if side in ("L", "R") else ""
 
 
+def printable_path(path: str) -> str:
+    """``path`` itself, or, when its name is not valid UTF-8 (the OS hands such names over with lone surrogates,
+    which no CSV or Parquet file can hold), its escaped form (``bad\\xffname.png``). The escaped form names the
+    file in error lists; reading it fails with a reason that says why (:func:`koa_ray.data.decode.read_bytes`)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _files_under(folder: Path) -> list[str]:
     out = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        out.extend(os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
+        out.extend(printable_path(os.path.join(root, f)) for f in sorted(files) if not f.startswith("."))
     return out
 
 
@@ -134,11 +145,11 @@ def expand_inputs(inputs: list[str] | str) -> list[str]:
         if p.is_dir():
             out.extend(f for f in _files_under(p) if Path(f).suffix.lower() not in SIDECAR_SUFFIXES)
         elif any(ch in item for ch in "*?["):
-            out.extend(sorted(f for f in _glob.glob(item, recursive=True) if os.path.isfile(f)))
+            out.extend(sorted(printable_path(f) for f in _glob.glob(item, recursive=True) if os.path.isfile(f)))
         elif p.suffix.lower() in (".csv", ".parquet") and p.is_file():
             out.extend(_read_manifest(p)["path"].tolist())
         else:
-            out.append(item)
+            out.append(printable_path(item))
     seen, unique = set(), []
     for f in out:
         if f not in seen:

@@ -15,6 +15,7 @@ A *run directory* holds ``best.json`` pointing at its best checkpoint; every loa
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -30,6 +31,24 @@ BEST_POINTER = "best.json"
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
+
+
+def load_tensors(path: str | Path):
+    """``torch.load(path, weights_only=True)`` with errors that name the file.
+
+    Only tensors and plain containers are unpickled: a file carrying other Python objects (a pickle that could run
+    code) is refused, never executed.
+
+    Raises:
+        ValueError: the file holds other objects than tensors and plain containers, or is truncated or corrupt.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refused: it holds Python objects other than tensors, which could run code when "
+                         f"loaded (weights_only); re-save it as a plain state dict ({str(e).splitlines()[0]})") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path}: not a readable PyTorch file (truncated or corrupt?): {e}") from e
 
 
 def save_checkpoint(directory: str | Path, model: torch.nn.Module, meta: dict, train_state: dict | None = None) -> Path:
@@ -85,6 +104,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     d = resolve_checkpoint(path)
     meta = read_meta(d)
     model = build_model(**meta["model"])
-    state = torch.load(d / WEIGHTS, map_location="cpu", weights_only=True)
+    state = load_tensors(d / WEIGHTS)
     model.load_state_dict(state)
     return model.to(device).eval(), meta

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from koa_ray.config import TrainConfig, from_dict, to_dict
+from koa_ray.config import ConfigError, TrainConfig, from_dict, to_dict
 from koa_ray.data.augment import EvalPreset, TrainPreset
 from koa_ray.data.balance import Resample
 from koa_ray.train.loop import DataInfo, train_loop
-from koa_ray.train.run import data_info, owns_row, write_run_artifacts
+from koa_ray.train.run import check_inputs, check_resources, data_info, owns_row, write_run_artifacts
 
 
 class RayTrainSession:
@@ -210,10 +210,21 @@ def result_checkpoints(result) -> list[str]:
 
 def fit(cfg: TrainConfig, scaling_resources: dict | None = None) -> dict:
     """Train with Ray Train on a local or existing cluster; returns the run's ``best.json`` plus ``run_dir``."""
-    from koa_ray.runtime import init_ray
+    from koa_ray.runtime import init_ray, local_resources
 
     cfg = cfg.validate()
+    check_inputs(cfg)  # data and output, before Ray starts
+    import ray
+
+    remote = bool(cfg.address or os.environ.get("RAY_ADDRESS"))
+    if not remote:  # the local instance koa starts gets this machine's CPUs and GPUs, and can never grow
+        check_resources(cfg, ray.cluster_resources() if ray.is_initialized() else local_resources())
     init_ray(cfg.address)
+    if remote:  # an existing cluster may still scale up: say so, but let Ray wait for the resources
+        try:
+            check_resources(cfg, ray.cluster_resources())
+        except ConfigError as e:
+            print(f"[koa] warning: {e} (waiting in case the cluster scales up)", flush=True)
     storage = cfg.storage_path or str(Path(cfg.out).resolve())
     check_shared_storage(storage)
     result = build_trainer(cfg, storage_path=storage, scaling_resources=scaling_resources).fit()

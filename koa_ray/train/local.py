@@ -22,7 +22,7 @@ from koa_ray.data.balance import epoch_indices
 from koa_ray.data.decode import decode_image_column
 from koa_ray.train.checkpoint import META
 from koa_ray.train.loop import batched, train_loop
-from koa_ray.train.run import data_info, run_dir, write_run_artifacts
+from koa_ray.train.run import check_inputs, data_info, run_dir, write_run_artifacts
 
 
 def read_split(prep: str | Path, split: str, columns=("image", "size", "label", "path", "knee")) -> pd.DataFrame:
@@ -129,6 +129,7 @@ def _seed_worker(worker_id: int) -> None:
 def fit_local(cfg: TrainConfig, loader_workers: int = 0) -> dict:
     """Train in this process; same checkpoints and run artefacts as :func:`koa_ray.train.driver.fit`."""
     cfg = cfg.validate()
+    check_inputs(cfg)
     info, weights = data_info(cfg)
     directory = run_dir(cfg)
     directory.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from koa_ray.config import TrainConfig, to_dict
 from koa_ray.data.augment import GRAY_MEAN, GRAY_STD
 from koa_ray.losses import build_loss, class_weights
 from koa_ray.metrics import DECODINGS, classification_metrics, decode_grades
-from koa_ray.train.checkpoint import TRAIN_STATE, WEIGHTS, save_checkpoint, unwrap
+from koa_ray.train.checkpoint import TRAIN_STATE, WEIGHTS, load_tensors, save_checkpoint, unwrap
 from koa_ray.train.ema import ModelEma
 
 NUM_CLASSES = 5
@@ -187,8 +187,8 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session) -> None:
     ema = None
     with session.latest_checkpoint() as ckpt:
         if ckpt is not None and (Path(ckpt) / TRAIN_STATE).is_file():
-            state = torch.load(Path(ckpt) / TRAIN_STATE, map_location="cpu", weights_only=True)
-            saved = torch.load(Path(ckpt) / WEIGHTS, map_location="cpu", weights_only=True)
+            state = load_tensors(Path(ckpt) / TRAIN_STATE)
+            saved = load_tensors(Path(ckpt) / WEIGHTS)
             # with weight EMA, model.pt holds the average and train_state.pt the raw weights
             unwrap(model).load_state_dict(state.get("model", saved))
             if cfg.optim.ema_decay > 0:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from koa_ray.config import TrainConfig, save_yaml
+from koa_ray.config import ConfigError, TrainConfig, save_yaml
 from koa_ray.data.balance import sampled_counts, sampling_weights
-from koa_ray.data.prep import load_manifest
+from koa_ray.data.prep import MANIFEST, load_manifest
 from koa_ray.train.checkpoint import BEST_POINTER, META
 from koa_ray.train.loop import NUM_CLASSES, DataInfo
 
@@ -27,6 +29,53 @@ def data_info(cfg: TrainConfig, manifest: dict | None = None) -> tuple[DataInfo,
     info = DataInfo(train_counts=tuple(int(c) for c in counts), n_train=int(counts.sum()), prep=manifest["prep"],
                     epoch_samples=int(round(float(seen.sum()))), epoch_counts=tuple(float(c) for c in seen))
     return info, weights
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """Fail before Ray (or a model) starts, with one line naming the field: the prepared data must exist and hold a
+    manifest and a train split, and the run folder (``storage_path`` or ``out``; URIs are not probed) must be
+    writable.
+
+    Raises:
+        ConfigError: missing or unprepared ``data``, or an output folder that cannot be created or written.
+    """
+    data = Path(cfg.data) if cfg.data else None
+    if data is None:
+        raise ConfigError("data: no prepared data given; run `koa prepare IMAGES --out PREP`, then --data PREP")
+    if not data.is_dir():
+        raise ConfigError(f"data={cfg.data!r}: no such folder; run `koa prepare IMAGES --out {cfg.data}` first")
+    if not (data / MANIFEST).is_file():
+        raise ConfigError(f"data={cfg.data!r}: not prepared data (no {MANIFEST}); run `koa prepare IMAGES --out "
+                          f"{cfg.data}` first")
+    if not (data / "train").is_dir():
+        raise ConfigError(f"data={cfg.data!r}: prepared data without a train split (no {data / 'train'})")
+    storage = cfg.storage_path or cfg.out
+    if "://" in storage:
+        return
+    key = "storage_path" if cfg.storage_path else "out"
+    try:
+        Path(storage).mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".koa-write-check-", dir=storage)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{key}={storage!r}: not writable ({e.strerror or e})") from e
+
+
+def check_resources(cfg: TrainConfig, cluster: dict) -> None:
+    """Fail before a trainer is built when the cluster (``ray.cluster_resources()``) can never host the workers.
+
+    Raises:
+        ConfigError: ``gpu`` with fewer GPUs than ``workers``, or ``workers x cpus_per_worker`` beyond its CPUs.
+    """
+    cpus, gpus = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
+    if cfg.gpu and gpus < cfg.workers:
+        raise ConfigError(f"gpu=true with workers={cfg.workers}: the Ray cluster has {gpus:g} GPUs (one per worker "
+                          "is needed); drop --gpu, lower --workers, or join a GPU cluster with --address")
+    need = cfg.workers * cfg.cpus_per_worker
+    if need > cpus:
+        raise ConfigError(f"workers x cpus_per_worker = {cfg.workers} x {cfg.cpus_per_worker:g} = {need:g} CPUs, "
+                          f"the Ray cluster has {cpus:g}; lower workers or cpus_per_worker (leave CPU for Ray Data)")
 
 
 def owns_row(path: str, knee: int, rank: int, world_size: int) -> bool:
