@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 $(BIN)/koa: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-fast: setup  # the suite without Ray (no Ray Train, Tune, Data or Jobs): for development, ~1-2 min
+	$(BIN)/python -m pytest -q -m "not ray"
 
 bench: setup
 	$(BIN)/python benchmarks/bench_prepare.py

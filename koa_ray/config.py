@@ -181,7 +181,7 @@ class TrainConfig:
     seed: int = 0
     patience: int = 5
     keep_best: int = 2
-    max_failures: int = 0
+    max_failures: int = 1  # Ray Train restarts after a worker crash, from the latest checkpoint (-1: unlimited)
     amp: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 (any device; ~2x on AMX CPUs) | fp16 (CUDA) | off
     channels_last: bool = True
     max_steps_per_epoch: int | None = None  # cap on optimizer steps per epoch (per worker); None = whole epoch

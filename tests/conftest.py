@@ -18,6 +18,14 @@ os.environ.setdefault("RAY_num_workers_soft_limit", "8")
 os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "60000")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that use Ray (the session instance, or a cluster of their own) are marked ``ray``: ``make test-fast``
+    leaves them out."""
+    for item in items:
+        if {"ray_session", "cluster"} & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray instance sized for a 2-core machine, started once for the whole test session."""

@@ -162,3 +162,27 @@ def test_16bit_outlier_pixels_do_not_crush_contrast(tmp_path):
     assert out[rest].max() - out[rest].min() > 200  # min-max would give ~47
     assert out[5, 5] == 255 and out[6, 6] == 0
     assert np.corrcoef(out[rest].astype(float), a[rest].astype(float))[0, 1] > 0.99  # order kept
+
+
+def test_compressed_dicom_transfer_syntaxes(tmp_path):
+    """RLE Lossless (pydicom's own decoder) decodes to the same image as uncompressed; JPEG 2000 and JPEG-LS, whose
+    decoders (pylibjpeg-openjpeg, pyjpegls) are not installed, give a per-file error naming the transfer syntax."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
+
+    arr = ramp(64, 80, np.uint16, 4000)
+    write_dicom(tmp_path / "plain.dcm", arr)
+    ds = pydicom.dcmread(tmp_path / "plain.dcm")
+    ds.compress(RLELossless)
+    ds.save_as(tmp_path / "rle.dcm")
+    assert pydicom.dcmread(tmp_path / "rle.dcm").file_meta.TransferSyntaxUID == RLELossless
+    np.testing.assert_array_equal(read_image(tmp_path / "rle.dcm"), read_image(tmp_path / "plain.dcm"))
+    for uid in (JPEG2000Lossless, JPEGLSLossless):
+        ds = pydicom.dcmread(tmp_path / "plain.dcm")
+        ds.file_meta.TransferSyntaxUID = uid
+        ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(64)])  # a codestream the decoder would need
+        ds["PixelData"].VR = "OB"
+        ds.save_as(tmp_path / "c.dcm", enforce_file_format=True)
+        with pytest.raises(DecodeError, match=rf"c.dcm: unsupported DICOM pixel data \(transfer syntax {uid}"):
+            read_image(tmp_path / "c.dcm")

@@ -270,3 +270,79 @@ def test_bad_train_settings_fail_before_ray_starts(prepared, tmp_path, monkeypat
     err = capsys.readouterr().err.strip()
     assert field in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+@pytest.mark.slow
+def test_ray_train_worker_crash_restarts_from_the_last_checkpoint(ray_session, prepared, tmp_path):
+    """One of two Train workers killed hard mid-epoch (``os._exit`` before step 1 of epoch 2): with the default
+    ``max_failures=1`` the worker group restarts from the latest checkpoint the controller had registered (it polls
+    workers every 2 s, so the epoch-1 report may or may not have reached it; epoch 0's has), trains no epoch before
+    that checkpoint again, and ends with a valid checkpoint."""
+    from koa_ray.train.driver import fit
+    from koa_ray.train.loop import FaultPlan
+
+    marker = tmp_path / "crashed"
+    cfg = TrainConfig(data=str(prepared), out=str(tmp_path / "runs"), name="crash", workers=2, cpus_per_worker=0.5,
+                      epochs=4, keep_best=4, **TINY)
+    assert cfg.max_failures == 1
+    fit(cfg, fault=FaultPlan(epoch=2, step=1, marker=str(marker), rank=1))
+    assert marker.read_text().startswith("crashed at epoch 2 step 1 rank 1")  # the fault did fire
+    history = pd.read_csv(tmp_path / "runs" / "crash" / "metrics.csv")
+    assert history["epoch"].tolist() == [0, 1, 2, 3]
+    resumed_at = int(history["start_epoch"].iloc[-1])
+    assert resumed_at in (1, 2), history["start_epoch"].tolist()
+    assert history["start_epoch"].tolist() == [0] * resumed_at + [resumed_at] * (4 - resumed_at)
+    ckpt = resolve_checkpoint(tmp_path / "runs" / "crash")
+    y, pred, meta = val_predictions(ckpt, prepared)
+    assert classification_metrics(y, pred)["confusion_matrix"] == meta["metrics"]["val_confusion_matrix"]
+
+
+def test_local_training_killed_resumes_from_the_last_complete_checkpoint(prepared, tmp_path):
+    """SIGKILL of `koa train --local` mid-run, then the same command: it says it resumes, from the latest complete
+    checkpoint (never a half-copied one), and repeats no finished epoch."""
+    import signal
+    import time
+
+    from koa_ray.train.checkpoint import TRAIN_STATE
+
+    run = tmp_path / "runs" / "kill"
+    cmd = [sys.executable, "-m", "koa_ray.cli", "train", "--local", "--data", str(prepared), "--out",
+           str(tmp_path / "runs"), "--name", "kill", "--epochs", "4", "--image-size", "64", "--arch", "densenet_tiny",
+           "--set", "patience=0", "--set", "optim.lr=0.003"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (run / "checkpoint_epoch_0001" / TRAIN_STATE).is_file():
+        assert p.poll() is None and time.time() < deadline, "training ended or hung before its second checkpoint"
+        time.sleep(0.1)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    last = max(int(d.name[-4:]) for d in run.glob("checkpoint_epoch_*") if not d.name.endswith(".tmp")
+               and (d / TRAIN_STATE).is_file())
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming from {run / f'checkpoint_epoch_{last:04d}'} at epoch {last + 1}" in r.stdout, r.stdout[-2000:]
+    history = pd.read_csv(run / "metrics.csv")
+    assert history["epoch"].tolist() == [0, 1, 2, 3]
+    assert history["start_epoch"].tolist() == [0] * (last + 1) + [last + 1] * (3 - last)
+    assert not list(run.glob("*.tmp"))
+
+
+def test_local_checkpoints_ignore_an_unfinished_copy(prepared, tmp_path):
+    """A ``.tmp`` copy left by a kill during ``report`` (even one that already holds koa.json) is never taken as a
+    checkpoint, and the next run removes it and says so."""
+    import shutil as _shutil
+
+    from koa_ray.train.local import LocalSession, fit_local
+    from koa_ray.train.run import data_info
+
+    cfg = TrainConfig(data=str(prepared), out=str(tmp_path), name="tmpcopy", epochs=1, **TINY)
+    fit_local(cfg)
+    run = tmp_path / "tmpcopy"
+    (done,) = [d for d in run.glob("checkpoint_epoch_*")]
+    session = LocalSession(cfg, data_info(cfg)[1], run)
+    half = run / "checkpoint_epoch_0001.tmp"
+    half.mkdir()
+    _shutil.copy(done / META, half / META)  # metadata copied, weights not yet
+    assert session.checkpoints() == [done]
+    LocalSession(cfg, data_info(cfg)[1], run)  # the next run clears it away
+    assert not half.exists()

@@ -14,7 +14,7 @@ import torch
 from koa_ray.config import ConfigError, TrainConfig, from_dict, to_dict
 from koa_ray.data.augment import EvalPreset, TrainPreset
 from koa_ray.data.balance import Resample
-from koa_ray.train.loop import DataInfo, train_loop
+from koa_ray.train.loop import DataInfo, FaultPlan, train_loop
 from koa_ray.train.run import check_inputs, check_resources, data_info, owns_row, write_run_artifacts
 
 
@@ -106,7 +106,8 @@ def train_worker(config: dict) -> None:
     session = RayTrainSession(cfg)
     print(f"[koa] worker {session.rank}/{session.world_size} on node {ray.get_runtime_context().get_node_id()} "
           f"({session.device})", flush=True)
-    train_loop(cfg, DataInfo(**config["data"]), session)
+    fault = FaultPlan(**config["fault"]) if config.get("fault") else None
+    train_loop(cfg, DataInfo(**config["data"]), session, fault=fault)
 
 
 def build_datasets(cfg: TrainConfig, weights: np.ndarray) -> dict:
@@ -170,7 +171,7 @@ def check_shared_storage(storage_path: str) -> None:
 
 
 def build_trainer(cfg: TrainConfig, *, storage_path: str | None = None, callbacks: list | None = None,
-                  scaling_resources: dict | None = None):
+                  scaling_resources: dict | None = None, fault: FaultPlan | None = None):
     """The ``TorchTrainer`` for ``cfg`` (Ray must be initialised). Used by :func:`fit` and by Tune trials.
 
     The run is named ``cfg.name`` under ``storage_path`` (default ``cfg.storage_path`` or ``cfg.out``); re-using a
@@ -187,7 +188,8 @@ def build_trainer(cfg: TrainConfig, *, storage_path: str | None = None, callback
     return TorchTrainer(
         train_loop_per_worker=train_worker,
         train_loop_config={"cfg": to_dict(cfg), "data": asdict(info),
-                           "torch_threads": cfg.torch_threads or max(1, int(cfg.cpus_per_worker))},
+                           "torch_threads": cfg.torch_threads or max(1, int(cfg.cpus_per_worker)),
+                           "fault": asdict(fault) if fault is not None else None},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker=resources,
                                      placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(
@@ -208,8 +210,11 @@ def result_checkpoints(result) -> list[str]:
     return ckpts
 
 
-def fit(cfg: TrainConfig, scaling_resources: dict | None = None) -> dict:
-    """Train with Ray Train on a local or existing cluster; returns the run's ``best.json`` plus ``run_dir``."""
+def fit(cfg: TrainConfig, scaling_resources: dict | None = None, fault: FaultPlan | None = None) -> dict:
+    """Train with Ray Train on a local or existing cluster; returns the run's ``best.json`` plus ``run_dir``.
+
+    A worker crash is retried ``cfg.max_failures`` times (default 1), from the latest reported checkpoint.
+    ``fault`` injects a crash (fault-tolerance tests)."""
     from koa_ray.runtime import init_ray, local_resources
 
     cfg = cfg.validate()
@@ -227,7 +232,7 @@ def fit(cfg: TrainConfig, scaling_resources: dict | None = None) -> dict:
             print(f"[koa] warning: {e} (waiting in case the cluster scales up)", flush=True)
     storage = cfg.storage_path or str(Path(cfg.out).resolve())
     check_shared_storage(storage)
-    result = build_trainer(cfg, storage_path=storage, scaling_resources=scaling_resources).fit()
+    result = build_trainer(cfg, storage_path=storage, scaling_resources=scaling_resources, fault=fault).fit()
     if result.error:
         raise RuntimeError(f"training run {cfg.name} failed: {result.error}") from result.error
     ckpts = result_checkpoints(result)

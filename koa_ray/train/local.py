@@ -20,8 +20,8 @@ from koa_ray.config import TrainConfig
 from koa_ray.data.augment import EvalPreset, TrainPreset
 from koa_ray.data.balance import epoch_indices
 from koa_ray.data.decode import decode_image_column
-from koa_ray.train.checkpoint import META
-from koa_ray.train.loop import batched, train_loop
+from koa_ray.train.checkpoint import META, TRAIN_STATE, WEIGHTS
+from koa_ray.train.loop import FaultPlan, batched, train_loop
 from koa_ray.train.run import check_inputs, data_info, run_dir, write_run_artifacts
 
 
@@ -55,6 +55,9 @@ class LocalSession:
 
     def __init__(self, cfg: TrainConfig, weights: np.ndarray, directory: Path, loader_workers: int = 0):
         self.cfg, self.weights, self.dir, self.loader_workers = cfg, weights, directory, loader_workers
+        for stale in sorted(directory.glob("checkpoint_epoch_*.tmp")):  # a copy a killed run did not finish
+            print(f"[koa] removing {stale.name}: an incomplete checkpoint copy left by an interrupted run", flush=True)
+            shutil.rmtree(stale)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         train = read_split(cfg.data, "train", ("image", "size", "label"))
         self.train_images = decode_image_column(train["image"].tolist(), train["size"].to_numpy())
@@ -85,7 +88,10 @@ class LocalSession:
         return batched((self.val_x, self.val_y), self.cfg.eval_batch_size)
 
     def checkpoints(self) -> list[Path]:
-        return sorted(p for p in self.dir.glob("checkpoint_epoch_*") if (p / META).is_file())
+        """Complete checkpoints, oldest first: ``checkpoint_epoch_NNNN`` folders with weights, metadata and train
+        state; never the ``.tmp`` copy that :meth:`report` renames into place (a kill can leave one behind)."""
+        return sorted(p for p in self.dir.glob("checkpoint_epoch_*") if not p.name.endswith(".tmp")
+                      and all((p / f).is_file() for f in (META, WEIGHTS, TRAIN_STATE)))
 
     @contextlib.contextmanager
     def latest_checkpoint(self):
@@ -126,7 +132,7 @@ def _seed_worker(worker_id: int) -> None:
     torch.utils.data.get_worker_info().dataset.preset.reseed(seed)
 
 
-def fit_local(cfg: TrainConfig, loader_workers: int = 0) -> dict:
+def fit_local(cfg: TrainConfig, loader_workers: int = 0, fault: FaultPlan | None = None) -> dict:
     """Train in this process; same checkpoints and run artefacts as :func:`koa_ray.train.driver.fit`."""
     cfg = cfg.validate()
     check_inputs(cfg)
@@ -134,6 +140,6 @@ def fit_local(cfg: TrainConfig, loader_workers: int = 0) -> dict:
     directory = run_dir(cfg)
     directory.mkdir(parents=True, exist_ok=True)
     session = LocalSession(cfg, weights, directory, loader_workers)
-    train_loop(cfg, info, session)
+    train_loop(cfg, info, session, fault=fault)
     best = write_run_artifacts(cfg, directory, session.checkpoints())
     return {**best, "run_dir": str(directory), "device": str(session.device)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -153,8 +154,29 @@ def flat_metrics(prefix: str, m: dict) -> dict:
     return out
 
 
-def train_loop(cfg: TrainConfig, data: DataInfo, session: Session) -> None:
-    """Train ``cfg.epochs`` epochs (or until early stopping), reporting metrics and a checkpoint every epoch."""
+@dataclass(frozen=True)
+class FaultPlan:
+    """A crash to inject, for fault-tolerance tests: the worker of rank ``rank`` exits hard (``os._exit``, as an OOM
+    kill would: no exception handling, no clean-up) before training step ``step`` of epoch ``epoch``, once: the
+    ``marker`` file it writes first keeps the restarted worker from crashing again."""
+
+    epoch: int
+    step: int
+    marker: str
+    rank: int = 0
+
+    def maybe_crash(self, epoch: int, step: int, rank: int) -> None:
+        if (epoch, step, rank) == (self.epoch, self.step, self.rank) and not os.path.exists(self.marker):
+            Path(self.marker).write_text(f"crashed at epoch {epoch} step {step} rank {rank}\n")
+            os._exit(17)
+
+
+def train_loop(cfg: TrainConfig, data: DataInfo, session: Session, fault: FaultPlan | None = None) -> None:
+    """Train ``cfg.epochs`` epochs (or until early stopping), reporting metrics and a checkpoint every epoch.
+
+    Resumes from ``session.latest_checkpoint()`` when there is one; every epoch's metrics record ``start_epoch``,
+    the epoch this process started (or resumed) at, so a restarted run shows that no finished epoch was repeated.
+    ``fault`` injects a crash (tests only)."""
     from koa_ray.models import build_model
 
     torch.manual_seed(cfg.seed)
@@ -186,6 +208,9 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session) -> None:
     start_epoch, best_qwk, bad_epochs, history = 0, -math.inf, 0, []
     ema = None
     with session.latest_checkpoint() as ckpt:
+        if ckpt is not None and not (Path(ckpt) / TRAIN_STATE).is_file() and session.rank == 0:
+            print(f"[koa] {ckpt} has no {TRAIN_STATE} (optimizer state): it cannot be resumed, training starts at "
+                  "epoch 0", flush=True)
         if ckpt is not None and (Path(ckpt) / TRAIN_STATE).is_file():
             state = load_tensors(Path(ckpt) / TRAIN_STATE)
             saved = load_tensors(Path(ckpt) / WEIGHTS)
@@ -206,6 +231,7 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session) -> None:
     if ema is None and cfg.optim.ema_decay > 0:
         ema = ModelEma(unwrap(model), cfg.optim.ema_decay)
     eval_model = ema.module if ema is not None else model  # what is validated, ranked and saved as model.pt
+    first_epoch = start_epoch
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
@@ -215,6 +241,8 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session) -> None:
         for step, (x, y) in enumerate(session.train_batches(epoch)):
             if cfg.max_steps_per_epoch is not None and step >= cfg.max_steps_per_epoch:
                 break
+            if fault is not None:
+                fault.maybe_crash(epoch, step, session.rank)
             x = x.to(device, non_blocking=True)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -248,7 +276,8 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session) -> None:
         by_decode = {how: metrics_from_confusion(c) for how, c in cms.items()} if cm.sum() else {}
         val = by_decode.get(cfg.decode)
 
-        metrics = {"epoch": epoch, "train_loss": float(loss_sum) / max(n_seen, 1), "lr": scheduler.get_last_lr()[0],
+        metrics = {"epoch": epoch, "start_epoch": first_epoch, "train_loss": float(loss_sum) / max(n_seen, 1),
+                   "lr": scheduler.get_last_lr()[0],
                    "train_images": int(n_seen), "train_img_per_s": n_seen / max(train_time, 1e-9),
                    "epoch_time_s": time.perf_counter() - t0}
         metrics.update({f"train_count_{g}": int(seen[g]) for g in range(NUM_CLASSES)})
