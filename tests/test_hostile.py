@@ -105,3 +105,31 @@ def test_score_accounts_for_every_hostile_input(ray_session, tiny_run, hostile, 
     _check(rows.loc[rows.status == "ok", "path"].map(os.path.basename), bad[["path", "reason"]], good)
     p = rows.loc[rows.status == "ok", [f"p{k}" for k in range(5)]].to_numpy()
     np.testing.assert_allclose(p.sum(1), 1, atol=1e-5)
+
+
+def test_gradcam_accounts_for_every_hostile_input(ray_session, tiny_run, hostile, tmp_path):
+    from koa_ray.explain.gradcam import run_gradcam
+
+    root, good = hostile
+    summary = run_gradcam([str(root / "2")], str(tiny_run[0]), tmp_path / "cam", batch_size=4)
+    rows = pd.read_csv(tmp_path / "cam" / "index.csv", keep_default_na=False, na_values=[""])
+    assert summary["n_inputs"] == len(good) + len(BAD) == rows["path"].nunique()
+    ok = rows[rows.status == "ok"]
+    assert all((tmp_path / "cam" / o).is_file() for o in ok["overlay"])  # each overlay row points at its picture
+    _check(ok["path"].map(os.path.basename), rows[rows.status == "error"].rename(columns={"error": "reason"})
+           [["path", "reason"]], good)
+
+
+def test_evaluate_on_a_hostile_labelled_folder(ray_session, tiny_run, hostile, tmp_path):
+    """An external labelled folder (``DIR/2/*``) with hostile files: the good knees are evaluated, every bad file is
+    listed in predictions.csv with its reason, and the metrics count only the good ones."""
+    from koa_ray.evaluate import evaluate
+
+    root, good = hostile
+    m = evaluate(str(tiny_run[0]), root, tmp_path / "ev", gradcam_per_grade=0)
+    preds = pd.read_csv(tmp_path / "ev" / "predictions.csv", keep_default_na=False, na_values=[""])
+    assert preds["path"].nunique() == len(good) + len(BAD)
+    ok = preds[preds.status == "ok"]
+    _check(ok["path"].map(os.path.basename), preds[preds.status == "error"].rename(columns={"error": "reason"})
+           [["path", "reason"]], good)
+    assert m["n"] == len(ok) and (ok["label"] == 2).all()

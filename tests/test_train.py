@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import cv2
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -33,8 +35,13 @@ def test_ray_train_two_workers_resume_and_reload(ray_session, prepared, tmp_path
     history = pd.read_csv(run / "metrics.csv")
     assert history["epoch"].tolist() == [0, 1]
     assert second["epochs_run"] == 2
-    for f in ("config.yaml", "metrics.csv", "curves.png", "best.json"):
-        assert (run / f).is_file(), f
+    # the run folder's files say what happened: the resolved config, a curves picture, and best.json pointing at
+    # the checkpoint with the highest val QWK of the history
+    assert load_train_config(run / "config.yaml").epochs == 2
+    assert cv2.imread(str(run / "curves.png")) is not None
+    best = json.loads((run / "best.json").read_text())
+    assert best["val_qwk"] == pytest.approx(history["val_qwk"].max())
+    assert json.loads((run / best["checkpoint"] / META).read_text())["epoch"] == best["epoch"]
     # both workers trained: the all-reduced effective class counts cover the whole (re-sampled) epoch
     counts = history[[f"train_count_{g}" for g in range(5)]].sum(axis=1)
     assert (counts == history["train_images"]).all() and (counts > 0).all()

@@ -331,7 +331,8 @@ def test_best_config_trains_with_koa_train(sweep, tmp_path, capsys):
     rc = main(["train", "--config", str(sweep["out"] / "best_config.yaml"), "--local", "--epochs", "1",
                "--out", str(tmp_path / "runs")])
     assert rc == 0
-    assert (tmp_path / "runs" / "best" / "best.json").is_file()
+    best = json.loads((tmp_path / "runs" / "best" / "best.json").read_text())
+    assert best["epochs_run"] == 1 and (tmp_path / "runs" / "best" / best["checkpoint"] / "model.pt").is_file()
 
 
 @pytest.mark.slow
