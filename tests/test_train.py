@@ -353,3 +353,39 @@ def test_local_checkpoints_ignore_an_unfinished_copy(prepared, tmp_path):
     assert session.checkpoints() == [done]
     LocalSession(cfg, data_info(cfg)[1], run)  # the next run clears it away
     assert not half.exists()
+
+
+@pytest.mark.slow
+def test_ray_training_killed_resumes_from_the_last_checkpoint(prepared, tmp_path):
+    """SIGKILL of `koa train` on Ray (the driver and the local Ray instance it started, as when a laptop's terminal
+    is killed), then the same command: Ray Train restores the run from its storage folder, resumes after the last
+    registered checkpoint, and trains no finished epoch again."""
+    import os
+    import signal
+    import time
+
+    from koa_ray.train.checkpoint import TRAIN_STATE
+
+    run = tmp_path / "runs" / "rkill"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    cmd = [sys.executable, "-m", "koa_ray.cli", "train", "--data", str(prepared), "--out", str(tmp_path / "runs"),
+           "--name", "rkill", "--workers", "1", "--epochs", "5", "--image-size", "64", "--arch", "densenet_tiny",
+           "--set", "patience=0", "--set", "optim.lr=0.003", "--set", "keep_best=5"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    deadline = time.time() + 400
+    try:
+        # kill as soon as the third checkpoint is written: the earlier reports have had time to be registered
+        while not any((d / TRAIN_STATE).is_file() for d in run.glob("checkpoint_epoch_0002*")):
+            assert p.poll() is None and time.time() < deadline, "training ended or hung before its third checkpoint"
+            time.sleep(0.1)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+        p.wait()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    history = pd.read_csv(run / "metrics.csv")
+    assert history["epoch"].tolist() == [0, 1, 2, 3, 4]
+    resumed_at = int(history["start_epoch"].iloc[-1])
+    assert 1 <= resumed_at <= 3, history["start_epoch"].tolist()  # after a checkpoint, not from scratch
+    assert history["start_epoch"].tolist() == [0] * resumed_at + [resumed_at] * (5 - resumed_at)
+    assert f"resuming from" in r.stdout + r.stderr
