@@ -1,6 +1,6 @@
 """koa-ray: Kellgren-Lawrence grading of knee radiographs on Ray."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 GRADES = (0, 1, 2, 3, 4)
 CLASS_NAMES = ("KL0", "KL1", "KL2", "KL3", "KL4")

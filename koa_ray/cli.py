@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -79,11 +80,14 @@ def _train_config(a):
                  "address": a.address, "storage_path": a.storage_path, "epochs": a.epochs,
                  "batch_size": a.batch_size, "image_size": a.image_size, "optim.lr": a.lr,
                  "model.attention": a.attention, "model.arch": a.arch, "loss.name": a.loss,
-                 "model.pretrained": a.pretrained, "model.weights": a.weights, "seed": a.seed}
+                 "model.pretrained": a.pretrained, "model.weights": a.weights, "seed": a.seed,
+                 "mlflow": False if a.no_mlflow else None, "mlflow_uri": a.mlflow_uri}
     return load_train_config(a.config, overrides, a.set or [])
 
 
 def cmd_train(a) -> int:
+    from koa_ray.progress import train_summary
+
     cfg = _train_config(a)  # validated before Ray starts
     if a.local:
         from koa_ray.train.local import fit_local
@@ -93,7 +97,7 @@ def cmd_train(a) -> int:
         from koa_ray.train.driver import fit
 
         result = fit(cfg)
-    _print_json(result)
+    print(train_summary(result, cfg))
     return 0
 
 
@@ -152,6 +156,15 @@ def cmd_tune(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from koa_ray.export import export_model
+
+    r = export_model(a.checkpoint, a.out, fmt=a.format, opset=a.opset)
+    print(f"exported {r['format']}: {r['model']} (largest logit difference from PyTorch {r['max_abs_logit_diff']:.1e})")
+    print(f"preprocessing: {r['preprocess']}")
+    return 0
+
+
 def cmd_demo(a) -> int:
     from koa_ray.demo import run_demo
 
@@ -184,6 +197,9 @@ def _add_actor_pool(p, batch: int = 32) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="koa", description="Kellgren-Lawrence grading of knee radiographs on Ray")
     sub = p.add_subparsers(dest="command", required=True)
+    loud = argparse.ArgumentParser(add_help=False)
+    loud.add_argument("-v", "--verbose", action="store_true",
+                      help="also show Ray's own logs (execution plans, worker output); always in /tmp/ray/session_latest/logs")
 
     s = sub.add_parser("synth", help="generate synthetic knee radiographs")
     s.add_argument("out")
@@ -193,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_synth)
 
-    s = sub.add_parser("prepare", help="decode, ROI-crop and resize images into Parquet with Ray Data")
+    s = sub.add_parser("prepare", parents=[loud], help="decode, ROI-crop and resize images into Parquet with Ray Data")
     s.add_argument("data", help="dataset root, split/grade folders, or a CSV/Parquet manifest")
     s.add_argument("--out", required=True)
     s.add_argument("--image-size", type=int, default=224)
@@ -206,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ingest(s)
     s.set_defaults(fn=cmd_prepare)
 
-    s = sub.add_parser("roi", help="detect knee-joint boxes and write them to CSV")
+    s = sub.add_parser("roi", parents=[loud], help="detect knee-joint boxes and write them to CSV")
     s.add_argument("inputs", nargs="+", help="files, folders (recursive), globs or manifests")
     s.add_argument("--out", required=True, help="boxes CSV: path,x0,y0,x1,y1,side,score,roi_fallback,implant")
     s.add_argument("--draw", metavar="DIR", help="also write each image with its boxes, sides and scores drawn")
@@ -214,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ingest(s)
     s.set_defaults(fn=cmd_roi)
 
-    s = sub.add_parser("train", help="train with Ray Train (or --local in one process)")
+    s = sub.add_parser("train", parents=[loud], help="train with Ray Train (or --local in one process)")
     s.add_argument("--data", help="prepared dataset (output of koa prepare)")
     s.add_argument("--out", help="runs folder (run directory = OUT/NAME)")
     s.add_argument("--name", help="run name: re-running the same name resumes it")
@@ -234,11 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", help="local weights file for the backbone (offline alternative to --pretrained)")
     s.add_argument("--seed", type=int)
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. loss.gamma=1.5")
+    s.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///<run folder>/mlflow.db)")
+    s.add_argument("--no-mlflow", action="store_true", help="do not track the run in MLflow")
     s.add_argument("--local", action="store_true", help="one process, one GPU if present else CPU, no Ray")
     s.add_argument("--loader-workers", type=int, default=0, help="local mode: DataLoader worker processes")
     s.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("evaluate", help="metrics, confusion matrix and HTML report on a labelled split")
+    s = sub.add_parser("evaluate", parents=[loud], help="metrics, confusion matrix and HTML report on a labelled split")
     s.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory (its best)")
     s.add_argument("--data", required=True, help="prepared dataset or raw labelled folder/manifest")
     s.add_argument("--split", default="test")
@@ -248,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_actor_pool(s)
     s.set_defaults(fn=cmd_evaluate)
 
-    s = sub.add_parser("score", help="batch-score image folders/globs/manifests into CSV or Parquet")
+    s = sub.add_parser("score", parents=[loud], help="batch-score image folders/globs/manifests into CSV or Parquet")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--input", required=True, nargs="+", help="folders (recursive), globs, manifests, files")
     s.add_argument("--out", required=True, help="results.csv or results.parquet")
@@ -257,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_actor_pool(s)
     s.set_defaults(fn=cmd_score)
 
-    s = sub.add_parser("gradcam", help="batch Grad-CAM overlays with an index.html contact sheet")
+    s = sub.add_parser("gradcam", parents=[loud], help="batch Grad-CAM overlays with an index.html contact sheet")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--input", required=True, nargs="+")
     s.add_argument("--out", required=True)
@@ -287,10 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the search algorithm")
     s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
     s.add_argument("--max-concurrent-trials", type=int, help="default: as many as leave 1 CPU to Ray Data")
-    s.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2, 3])
+    s.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2, 3],
+                   help="Tune's progress output; 3 also shows Ray's own logs")
     s.set_defaults(fn=cmd_tune)
 
-    s = sub.add_parser("demo", help="synthetic data -> prepare -> 2-worker Ray Train -> evaluate, end to end")
+    s = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript, with its preprocessing as JSON")
+    s.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory (its best)")
+    s.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    s.add_argument("--out", required=True, help="folder for the model file and preprocess.json")
+    s.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("demo", parents=[loud], help="synthetic data -> prepare -> 2-worker Ray Train -> evaluate, end to end")
     s.add_argument("--out", default="demo_out")
     s.add_argument("--n", type=int, default=600)
     s.add_argument("--epochs", type=int, default=15)
@@ -304,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from koa_ray.config import ConfigError
+    from koa_ray.progress import VERBOSE_ENV
+
+    if getattr(args, "verbose", 0) is True or (args.command == "tune" and args.verbose >= 3):
+        os.environ[VERBOSE_ENV] = "1"  # read by koa_ray.runtime.init_ray and the trainer's logging config
 
     try:
         return args.fn(args)

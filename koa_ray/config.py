@@ -187,6 +187,10 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cap on optimizer steps per epoch (per worker); None = whole epoch
     torch_threads: int | None = None  # intra-op threads per worker; None = max(1, int(cpus_per_worker))
     decode: str = "argmax"  # argmax | expected: grade = round(sum_k k * p_k), the ordinal (QWK-friendly) decoding
+    mlflow: bool = True  # track the run in MLflow (koa_ray.tracking)
+    mlflow_uri: str | None = None  # tracking URI; None = sqlite:///<run folder>/mlflow.db
+    mlflow_experiment: str = "koa"
+    tensorboard: bool = True  # TensorBoard event files in <run folder>/tensorboard
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)

@@ -39,6 +39,13 @@ def run_demo(out: str | Path = "demo_out", *, n: int = 600, epochs: int = 15, wo
                "test": {k: round(metrics[k], 4) for k in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "mae")},
                "metrics_csv": str(run_dir / "metrics.csv"), "curves_png": str(run_dir / "curves.png"),
                "report_html": str(out / "eval" / "report.html"), "minutes": round((time.perf_counter() - t0) / 60, 1)}
-    print("[demo] done\n" + json.dumps(summary, indent=2), flush=True)
+    t = summary["test"]
+    print(f"[demo] done in {summary['minutes']} min: test QWK {t['qwk']:.3f}, accuracy {t['accuracy']:.3f}, macro-F1 "
+          f"{t['macro_f1']:.3f} (best epoch {best['epoch'] + 1}, val QWK {best['val_qwk']:.3f})\n"
+          f"  best checkpoint  {summary['best_checkpoint']}\n"
+          f"  curves, metrics  {summary['curves_png']}, {summary['metrics_csv']}\n"
+          f"  model card       {run_dir / 'MODEL_CARD.md'}\n"
+          f"  report           {summary['report_html']}\n"
+          f"  summary          {out / 'demo_summary.json'}", flush=True)
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     return summary

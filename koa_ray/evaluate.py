@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from koa_ray import CLASS_NAMES
-from koa_ray.metrics import classification_metrics
+from koa_ray.metrics import calibration, classification_metrics
+from koa_ray.plots import plot_confusion, plot_reliability
 
 PRED_COLUMNS = ["path", "label", "status", "error", "grade", "p0", "p1", "p2", "p3", "p4", "expected_grade", "side"]
 
@@ -91,35 +92,10 @@ def predict_split(checkpoint: str, data: str | Path, split: str, tta: bool, batc
         rows = rows.assign(side=rows["side"] if side_from_manifest else "")
         ds = ray.data.from_pandas(frame_blocks(rows[["path", "label", "side"]], batch_size))
     ds = ds.map_batches(EvalActor, fn_constructor_kwargs={"checkpoint": ckpt, "tta": tta, "use_gpu": gpu},
-                        batch_size=batch_size, batch_format="pandas", concurrency=concurrency,
+                        batch_size=batch_size, batch_format="pandas",
+                        compute=ray.data.ActorPoolStrategy(size=concurrency),
                         num_gpus=1 if gpu else 0, num_cpus=0.5 if not gpu else 1)
     return ds.to_pandas().sort_values("path", kind="stable").reset_index(drop=True)
-
-
-def plot_confusion(cm: np.ndarray, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cm = np.asarray(cm)
-    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
-    for ax, mat, title, fmt in ((axes[0], cm, "counts", "d"), (axes[1], norm, "row-normalised (recall)", ".2f")):
-        ax.imshow(mat, cmap="Blues", vmin=0, vmax=mat.max() if mat.max() > 0 else 1)
-        for i in range(5):
-            for j in range(5):
-                v = mat[i, j]
-                ax.text(j, i, format(v, fmt), ha="center", va="center",
-                        color="white" if v > 0.6 * (mat.max() or 1) else "black", fontsize=9)
-        ax.set_xticks(range(5), CLASS_NAMES)
-        ax.set_yticks(range(5), CLASS_NAMES)
-        ax.set_xlabel("predicted grade")
-        ax.set_ylabel("true grade")
-        ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _png_b64(rgb: np.ndarray) -> str:
@@ -130,9 +106,59 @@ def _png_b64(rgb: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def gradcam_examples(checkpoint: str, preds: pd.DataFrame, data: Path, per_grade: int) -> list[tuple[int, str, str]]:
-    """A few Grad-CAM overlays per true grade, computed in-process: ``[(grade, caption, png_b64)]``."""
+def _examples_input(p, picks: pd.DataFrame, data: Path) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """The crops the model saw for ``picks`` and, for each, the whole image with its knee box drawn (``None`` when
+    the original file is gone): from the prepared Parquet (crop and box as stored) or from the raw files."""
     from koa_ray.data.decode import decode_image_column
+    from koa_ray.data.roi import KneeBox, draw_boxes
+
+    films: list[np.ndarray | None] = []
+    if (data / "manifest.json").is_file():
+        import pyarrow.parquet as pq
+
+        cols = ["path", "image", "size", "x0", "y0", "x1", "y1", "roi_score", "roi_fallback", "side"]
+        split_dirs = [d for d in data.iterdir() if d.is_dir()]
+        table = pd.concat([pq.read_table(str(d), columns=cols).to_pandas() for d in split_dirs])
+        table["side"] = table["side"].fillna("").astype(str)
+        # a bilateral film has one row per knee: the (path, side) pair picks this knee's crop and box
+        keys = list(zip(picks["path"], picks["side"].fillna("").astype(str)))
+        table = table.drop_duplicates(["path", "side"]).set_index(["path", "side"]).loc[keys].reset_index()
+        crops = decode_image_column(table["image"].tolist(), table["size"].to_numpy())
+        for r in table.itertuples():
+            path = r.path
+            try:
+                img = p.read(str(path))
+            except Exception:  # noqa: BLE001 - the original file may have moved since prepare; the crop is enough
+                films.append(None)
+                continue
+            box = KneeBox(int(r.x0), int(r.y0), int(r.x1), int(r.y1), str(r.side or "U"), float(r.roi_score),
+                          bool(r.roi_fallback))
+            films.append(draw_boxes(img, [box], max_side=360)[..., ::-1].copy())
+        return crops, films
+    crops = []
+    for path, side in zip(picks["path"], picks["side"].fillna("").astype(str)):
+        img = p.read(str(path))
+        ks = p.knees_from_image(img, str(path))
+        k = next((k for k in ks if k.side == side), ks[0])  # this knee of a bilateral film
+        crops.append(k.crop)
+        boxes = [KneeBox(k.x0, k.y0, k.x1, k.y1, k.side or "U", k.roi_score, bool(k.roi_fallback),
+                         implant=bool(k.implant))]
+        films.append(draw_boxes(img, boxes, max_side=360)[..., ::-1].copy())
+    return np.stack(crops), films
+
+
+def _upscale(gray: np.ndarray, width: int = 256) -> np.ndarray:
+    import cv2
+
+    h, w = gray.shape[:2]
+    if w >= width:
+        return gray
+    return cv2.resize(gray, (width, int(round(h * width / w))), interpolation=cv2.INTER_NEAREST)
+
+
+def gradcam_examples(checkpoint: str, preds: pd.DataFrame, data: Path, per_grade: int) -> list[dict]:
+    """A few Grad-CAM overlays per true grade, computed in-process, each with the whole image and its knee box:
+    ``[{"grade", "caption", "png", "film"}]`` (base64 PNGs; ``film`` may be ``None``)."""
     from koa_ray.explain.gradcam import compute_cams, overlay
     from koa_ray.inference import Predictor
 
@@ -140,30 +166,48 @@ def gradcam_examples(checkpoint: str, preds: pd.DataFrame, data: Path, per_grade
     picks = preds[preds.status == "ok"].groupby("label", group_keys=False).head(per_grade)
     if picks.empty:
         return []
-    if (data / "manifest.json").is_file():
-        import pyarrow.parquet as pq
-
-        split_dirs = [d for d in data.iterdir() if d.is_dir()]
-        table = pd.concat([pq.read_table(str(d), columns=["path", "image", "size"]).to_pandas() for d in split_dirs])
-        table = table.drop_duplicates("path").set_index("path").loc[picks["path"]]
-        crops = decode_image_column(table["image"].tolist(), table["size"].to_numpy())
-    else:
-        crops = np.stack([p.knees_from_file(path)[0].crop for path in picks["path"]])
+    crops, films = _examples_input(p, picks, data)
     probs = p.predict(crops)
     maps = compute_cams(p.model, p.inputs(crops), list(probs.argmax(1)))
     out = []
-    for (row, crop, cam, pr) in zip(picks.itertuples(), crops, maps, probs):
+    for row, crop, cam, pr, film in zip(picks.itertuples(), crops, maps, probs, films):
         pred = int(pr.argmax())
-        cap = f"true KL{row.label} pred KL{pred} p={pr[pred]:.2f}"
-        out.append((int(row.label), cap, _png_b64(overlay(crop, cam, cap))))
+        out.append({"grade": int(row.label), "png": _png_b64(overlay(crop, cam, None)),
+                    "film": _png_b64(film) if film is not None else None,
+                    "caption": f"true KL{row.label}, predicted KL{pred} (p {pr[pred]:.2f}) - {Path(row.path).name}"})
+    return out
+
+
+def error_gallery(checkpoint: str, preds: pd.DataFrame, data: Path, per_grade: int) -> list[dict]:
+    """The worst misgradings per true grade: farthest from the true grade first, then the most confident; each with
+    the crop the model saw and the whole image with its knee box. ``[{"grade", "caption", "png", "film"}]``."""
+    from koa_ray.inference import Predictor
+
+    wrong = preds[(preds.status == "ok") & (preds.grade != preds.label)].copy()
+    if wrong.empty or per_grade <= 0:
+        return []
+    probs = wrong[[f"p{g}" for g in range(5)]].to_numpy()
+    wrong["distance"] = (wrong["grade"] - wrong["label"]).abs()
+    wrong["confidence"] = probs[np.arange(len(wrong)), wrong["grade"].to_numpy().astype(int)]
+    picks = (wrong.sort_values(["label", "distance", "confidence", "path"], ascending=[True, False, False, True])
+             .groupby("label", group_keys=False).head(per_grade))
+    p = Predictor(checkpoint, device="cpu")
+    crops, films = _examples_input(p, picks, data)
+    out = []
+    for row, crop, film in zip(picks.itertuples(), crops, films):
+        rgb = np.repeat(_upscale(crop)[..., None], 3, axis=2)
+        out.append({"grade": int(row.label), "png": _png_b64(rgb), "film": _png_b64(film) if film is not None else None,
+                    "caption": f"true KL{row.label}, predicted KL{int(row.grade)} (p {row.confidence:.2f}) - "
+                               f"{Path(row.path).name}"})
     return out
 
 
 def evaluate(checkpoint: str, data: str | Path, out: str | Path, *, split: str = "test", tta: bool = False,
              batch_size: int = 64, concurrency: int = 1, use_gpu: bool | None = None, address: str | None = None,
-             gradcam_per_grade: int = 3) -> dict:
-    """Evaluate and write ``metrics.json``, ``per_class.csv``, ``predictions.csv``, ``confusion_matrix.png`` and
-    ``report.html`` to ``out``; returns the metrics dict."""
+             gradcam_per_grade: int = 3, errors_per_grade: int = 4) -> dict:
+    """Evaluate and write ``metrics.json``, ``per_class.csv``, ``predictions.csv``, ``calibration.json``,
+    ``confusion_matrix.png``, ``reliability.png`` and ``report.html`` (metrics, calibration, Grad-CAM examples and
+    the worst errors per grade, each with its knee box on the whole image) to ``out``; returns the metrics dict."""
     from koa_ray.train.checkpoint import read_meta, resolve_checkpoint
 
     out = Path(out)
@@ -177,39 +221,72 @@ def evaluate(checkpoint: str, data: str | Path, out: str | Path, *, split: str =
         raise RuntimeError(f"no image of split {split!r} could be scored; see {out / 'predictions.csv'}")
     metrics = classification_metrics(ok["label"].to_numpy(), ok["grade"].to_numpy(), num_classes=5)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    cal = calibration(ok[[f"p{g}" for g in range(5)]].to_numpy(), ok["label"].to_numpy(), n_bins=10)
+    (out / "calibration.json").write_text(json.dumps(cal, indent=2))
     per_class = pd.DataFrame([{"grade": int(g), "name": CLASS_NAMES[int(g)], **v} for g, v in metrics["per_class"].items()])
     per_class.to_csv(out / "per_class.csv", index=False)
     plot_confusion(np.array(metrics["confusion_matrix"]), out / "confusion_matrix.png")
+    plot_reliability(cal, out / "reliability.png")
     examples = gradcam_examples(str(ckpt), ok, data, gradcam_per_grade) if gradcam_per_grade > 0 else []
+    errors = error_gallery(str(ckpt), ok, data, errors_per_grade) if errors_per_grade > 0 else []
     meta = read_meta(ckpt)
     write_report(out / "report.html", metrics, per_class, examples, ckpt, meta, split, tta,
-                 n_errors=int((preds.status == "error").sum()))
+                 n_errors=int((preds.status == "error").sum()), cal=cal, gallery=errors)
     return metrics
 
 
-def write_report(path: Path, metrics: dict, per_class: pd.DataFrame, examples, ckpt: Path, meta: dict, split: str,
-                 tta: bool, n_errors: int) -> None:
-    cm_b64 = base64.b64encode((path.parent / "confusion_matrix.png").read_bytes()).decode()
-    summary = "".join(f"<tr><th>{k}</th><td>{metrics[k]:.4f}</td></tr>" for k in
-                      ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall", "macro_f1", "qwk", "mae"))
-    cam_html = ""
+def _tiles(items: list[dict], empty: str) -> str:
+    """Figures grouped by true grade: the image, the whole film with its knee box below, one caption."""
+    out = ""
     for g in range(5):
-        figs = [f"<figure><img src='data:image/png;base64,{b}'><figcaption>{html.escape(c)}</figcaption></figure>"
-                for grade, c, b in examples if grade == g]
+        figs = []
+        for it in items:
+            if it["grade"] != g:
+                continue
+            film = (f"<img class='film' src='data:image/png;base64,{it['film']}' alt='knee box on the whole image'>"
+                    if it.get("film") else "")
+            figs.append(f"<figure><img src='data:image/png;base64,{it['png']}' alt='{html.escape(it['caption'])}'>"
+                        f"{film}<figcaption>{html.escape(it['caption'])}</figcaption></figure>")
         if figs:
-            cam_html += f"<h3>KL{g}</h3>" + "".join(figs)
+            out += f"<h3>True grade KL{g}</h3><div class='tiles'>" + "".join(figs) + "</div>"
+    return out or f"<p>{empty}</p>"
+
+
+def write_report(path: Path, metrics: dict, per_class: pd.DataFrame, examples, ckpt: Path, meta: dict, split: str,
+                 tta: bool, n_errors: int, cal: dict | None = None, gallery: list[dict] | None = None) -> None:
+    cm_b64 = base64.b64encode((path.parent / "confusion_matrix.png").read_bytes()).decode()
+    rel = path.parent / "reliability.png"
+    rel_html = (f"<p>Expected calibration error <b>{cal['ece']:.3f}</b> (maximum {cal['mce']:.3f}, 10 bins, top "
+                "label; Guo et al. 2017). Where a bin's red outline (mean confidence) stands above its blue bar (accuracy), the "
+                "model is more confident than it is right; below, less."
+                f"</p><img class='plot' src='data:image/png;base64,{base64.b64encode(rel.read_bytes()).decode()}'>"
+                if cal is not None and rel.is_file() else "<p>not computed</p>")
+    rows = [(k, metrics[k]) for k in ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall", "macro_f1",
+                                      "qwk", "mae")]
+    if cal is not None:
+        rows.append(("ece", cal["ece"]))
+    summary = "".join(f"<tr><th>{k}</th><td>{v:.4f}</td></tr>" for k, v in rows)
     model = meta["model"]
-    doc = f"""<html><head><meta charset="utf-8"><title>koa-ray evaluation</title><style>
-body{{font-family:sans-serif;max-width:1100px;margin:auto}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} figure{{display:inline-block;margin:4px}}
-img{{max-width:100%}} figure img{{width:180px}} figcaption{{font-size:11px}}</style></head><body>
+    doc = f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>koa-ray evaluation</title><style>
+body{{font-family:system-ui,sans-serif;max-width:1150px;margin:auto;padding:0 12px;color:#222}}
+table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
+.tiles{{display:flex;flex-wrap:wrap;gap:10px}} figure{{margin:0;width:220px}}
+figure img{{width:220px;display:block;image-rendering:auto}} figure img.film{{margin-top:3px}}
+figcaption{{font-size:13px;line-height:1.3;margin-top:3px;word-break:break-word}} img.plot{{max-width:100%}}
+</style></head><body>
 <h1>Evaluation: {html.escape(ckpt.parent.name)}/{html.escape(ckpt.name)}</h1>
 <p>split <b>{html.escape(split)}</b>, n = {metrics['n']}{' (flip TTA)' if tta else ''}; unreadable inputs: {n_errors};
 model {html.escape(model['arch'])} + {html.escape(model['attention'])}, input {meta['preprocess']['input_size']} px,
 epoch {meta.get('epoch')}</p>
 <table>{summary}</table>
-<h2>Confusion matrix</h2><img src="data:image/png;base64,{cm_b64}">
+<h2>Confusion matrix</h2><img class="plot" src="data:image/png;base64,{cm_b64}">
 <h2>Per grade</h2>{per_class.to_html(index=False, float_format=lambda v: f'{v:.3f}')}
-<h2>Grad-CAM examples (by true grade)</h2>{cam_html or '<p>none</p>'}
+<h2>Calibration</h2>{rel_html}
+<h2>Grad-CAM examples (by true grade)</h2>
+<p>Heat: where the evidence for the predicted grade lies. Below each: the whole image with the knee box the model
+was given.</p>{_tiles(examples, 'none')}
+<h2>Worst errors (by true grade)</h2>
+<p>Farthest from the true grade first, then most confident; the crop the model saw, and its knee box.</p>
+{_tiles(gallery or [], 'no misgraded knee')}
 </body></html>"""
     path.write_text(doc)

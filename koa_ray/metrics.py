@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "calibration",
     "classification_metrics",
     "confusion_matrix",
     "decode_grades",
@@ -165,6 +166,54 @@ def classification_metrics(
         },
         "confusion_matrix": cm.tolist(),
     }
+
+
+def calibration(probs: Any, y_true: Any, n_bins: int = 10) -> dict[str, Any]:
+    """Top-label calibration: expected and maximum calibration error and the reliability-diagram bins.
+
+    Guo et al. 2017, "On Calibration of Modern Neural Networks" (ICML): the confidence of a prediction is its top
+    probability ``max_k p_k``, it is correct when ``argmax_k p_k`` is the true grade; samples are binned by
+    confidence into ``n_bins`` equal-width bins over ``[0, 1]`` (the last bin closed), and
+
+        ECE = sum_b (n_b / n) * |accuracy_b - confidence_b|,   MCE = max_b |accuracy_b - confidence_b|.
+
+    Args:
+        probs: ``(N, K)`` class probabilities (rows summing to 1).
+        y_true: ``(N,)`` true grades.
+        n_bins: number of confidence bins (>= 1).
+
+    Returns:
+        ``{"ece", "mce", "n", "bins": [{"lo", "hi", "count", "confidence", "accuracy"}]}``; empty bins have
+        ``count`` 0 and ``None`` confidence/accuracy.
+
+    Raises:
+        ValueError: ``n_bins < 1``, ``probs`` not 2-D, or lengths that differ, or empty inputs.
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins={n_bins}: must be >= 1")
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2:
+        raise ValueError(f"probs must have shape (N, K), got {p.shape}")
+    t = _as_grades(y_true, "y_true", p.shape[1])
+    if len(t) != len(p):
+        raise ValueError(f"probs has {len(p)} rows, y_true {len(t)}")
+    if len(t) == 0:
+        raise ValueError("Cannot compute calibration on empty inputs.")
+    conf = p.max(axis=1)
+    correct = (p.argmax(axis=1) == t).astype(np.float64)
+    idx = np.clip((conf * n_bins).astype(int), 0, n_bins - 1)
+    bins, ece, mce = [], 0.0, 0.0
+    for b in range(n_bins):
+        sel = idx == b
+        n_b = int(sel.sum())
+        if n_b:
+            c, a = float(conf[sel].mean()), float(correct[sel].mean())
+            ece += n_b / len(t) * abs(a - c)
+            mce = max(mce, abs(a - c))
+        else:
+            c = a = None
+        bins.append({"lo": b / n_bins, "hi": (b + 1) / n_bins, "count": n_b, "confidence": c, "accuracy": a})
+    return {"ece": float(ece), "mce": float(mce), "n": int(len(t)), "bins": bins}
 
 
 # --------------------------------------------------------------------------- helpers

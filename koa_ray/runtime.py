@@ -8,23 +8,29 @@ import os
 log = logging.getLogger(__name__)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, object_store_mb: int | None = None,
-             quiet: bool = True) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, object_store_mb: int | None = None) -> None:
     """Start or join Ray once per process.
 
     ``address=None`` joins ``RAY_ADDRESS`` when set (as under ``ray job submit``), else starts a local instance bound
     to 127.0.0.1. ``"auto"`` or ``"ray://..."``/``"HOST:PORT"`` joins an existing cluster.
+
+    Unless ``--verbose`` (:func:`koa_ray.progress.verbose`), Ray logs warnings only and the output of workers and
+    actors is not streamed to this console (koa's own progress comes through :mod:`koa_ray.progress`; a failure's
+    traceback comes with its exception; everything is in Ray's log folder).
     """
     import ray
 
+    from koa_ray.progress import quiet_ray_logs, verbose
+
     if ray.is_initialized():
         return
-    kwargs: dict = {"log_to_driver": True}
-    if quiet:
-        kwargs["logging_level"] = logging.WARNING
+    loud = verbose()
+    kwargs: dict = {"log_to_driver": loud, "logging_level": logging.INFO if loud else logging.WARNING}
+    quiet_ray_logs()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)
+        quiet_ray_logs()
         return
     if object_store_mb:
         kwargs["object_store_memory"] = int(object_store_mb) * 1024 * 1024
@@ -37,6 +43,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port, _node_ip_address="127.0.0.1", **kwargs)
+    quiet_ray_logs()
 
 
 def dashboard_port(preferred: int = 8265) -> int:

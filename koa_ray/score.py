@@ -157,7 +157,8 @@ def score(inputs: list[str], checkpoint: str, out: str | Path, *, batch_size: in
         gpu = bool(cluster_gpus() > 0) if use_gpu is None else use_gpu
         ds = ray.data.from_pandas(frame_blocks(input_frame(todo, inputs), batch_size)).map_batches(
             ScoreActor, fn_constructor_kwargs={"checkpoint": ckpt, "use_gpu": gpu, "tta": tta},
-            batch_size=batch_size, batch_format="pandas", concurrency=concurrency, num_gpus=1 if gpu else 0,
+            batch_size=batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=concurrency),
+            num_gpus=1 if gpu else 0,
             num_cpus=0.5 if not gpu else 1)
         start = len(list(pdir.glob("part-*.parquet")))
         buf: list[pd.DataFrame] = []

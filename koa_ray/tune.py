@@ -545,7 +545,7 @@ def run_sweep(*, data: str | None = None, out: str, num_samples: int = 10, max_e
                 trial_dirname_creator=lambda t: trial_name(t.trial_id)),
             run_config=RunConfig(
                 name=settings["name"], storage_path=str(out_dir), verbose=verbose, stop=stop,
-                callbacks=list(callbacks or []),
+                callbacks=list(callbacks or []) + _tracking_callbacks(base, out_dir, settings["name"]),
                 failure_config=FailureConfig(max_failures=0, fail_fast=False),  # a bad trial errors, others go on
                 checkpoint_config=CheckpointConfig(num_to_keep=1)),  # checkpoints live in the Train runs
         )
@@ -553,6 +553,15 @@ def run_sweep(*, data: str | None = None, out: str, num_samples: int = 10, max_e
     if grid.errors:
         log.warning("%d of %d trials failed; see results.csv", len(grid.errors), len(grid))
     return summarize_sweep(out_dir)
+
+
+def _tracking_callbacks(base: TrainConfig, out_dir: Path, name: str) -> list:
+    """One MLflow run per trial (:func:`koa_ray.tracking.tune_callback`), unless the base config turns MLflow off."""
+    if not base.mlflow:
+        return []
+    from koa_ray.tracking import tune_callback
+
+    return [tune_callback(out_dir, f"koa-tune-{name}", base.mlflow_uri)]
 
 
 def _new_settings(*, data, out_dir: Path, name, num_samples, max_epochs, search, scheduler, workers_per_trial,

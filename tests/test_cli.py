@@ -8,7 +8,7 @@ import pytest
 
 from koa_ray.cli import build_parser, main
 
-COMMANDS = ["synth", "prepare", "roi", "train", "evaluate", "score", "gradcam", "tune", "demo"]
+COMMANDS = ["synth", "prepare", "roi", "train", "evaluate", "score", "gradcam", "tune", "export", "demo"]
 
 
 def test_every_command_has_help(capsys):

@@ -15,8 +15,10 @@ from koa_ray.score import SCORE_COLUMNS, score
 
 try:
     from films import stitched_film
+    from helpers import chromium, render_in_browser
 except ImportError:  # tests/ imported as a package
     from tests.films import stitched_film
+    from tests.helpers import chromium, render_in_browser
 
 REAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "knee-kl224"
 
@@ -147,6 +149,12 @@ def test_gradcam_job_writes_overlays_and_index(ray_session, tiny_run, score_inpu
     for r in ok.drop_duplicates("film").itertuples():
         assert f"src='{r.film}'" in html
         assert cv2.imread(str(tmp_path / "cam" / r.film)) is not None
+    # each caption is drawn once: grade and probability on the overlay, only the file name and side as text
+    for r in ok.itertuples():
+        assert f"p={float(r.probability):.2f}</figcaption>" not in html
+    if chromium():  # the contact sheet's relative image links all load in a real browser
+        seen = render_in_browser(tmp_path / "cam" / "index.html")
+        assert seen["broken"] == 0 and seen["images"] == 2 * len(ok)
 
 
 def test_evaluate_prepared_and_raw(ray_session, tiny_run, prepared, synth_dir, tmp_path):
@@ -172,6 +180,37 @@ def test_evaluate_prepared_and_raw(ray_session, tiny_run, prepared, synth_dir, t
     assert cv2.imread(str(tmp_path / "ev" / "confusion_matrix.png")) is not None
     report = (tmp_path / "ev" / "report.html").read_text()
     assert "data:image/png;base64" in report and f"<th>qwk</th><td>{saved['qwk']:.4f}</td>" in report
+    # calibration: recomputed from the saved probabilities, stated in the report with its diagram
+    from koa_ray.metrics import calibration
+
+    cal = json.loads((tmp_path / "ev" / "calibration.json").read_text())
+    assert cal["ece"] == pytest.approx(
+        calibration(ok[[f"p{g}" for g in range(5)]].to_numpy(), ok["label"].to_numpy())["ece"], abs=1e-12)
+    assert f"Expected calibration error <b>{cal['ece']:.3f}</b>" in report
+    assert cv2.imread(str(tmp_path / "ev" / "reliability.png")) is not None
+    # the error gallery: up to 4 misgraded knees per true grade, each with its crop and its knee box on the film
+    wrong = ok[ok.grade != ok.label]
+    gallery = report.split("<h2>Worst errors", 1)[1]
+    n_tiles = gallery.count("<figure>")
+    assert n_tiles == int(wrong.groupby("label").size().clip(upper=4).sum())
+    assert gallery.count("class='film'") == n_tiles  # the original files are there: every tile shows its box
+    import re
+
+    by_name = wrong.assign(name=wrong["path"].map(lambda p: Path(p).name)).set_index("name")
+    for cap in gallery.split("<figcaption>")[1:]:  # each caption names a misgraded knee with its true/predicted grade
+        t, g, name = re.match(r"true KL(\d), predicted KL(\d) \(p [0-9.]+\) - ([^<]+)<", cap).groups()
+        row = by_name.loc[name]
+        assert (int(row["label"]), int(row["grade"])) == (int(t), int(g)) and t != g
+    # Grad-CAM examples carry their caption once, as text, not burned into the picture too
+    cams = report.split("<h2>Grad-CAM examples", 1)[1].split("<h2>Worst errors", 1)[0]
+    assert cams.count("<figcaption>") == cams.count("<figure>") == int(ok.groupby("label").size().clip(upper=1).sum())
+    # the page renders in a real browser: every image loads (base64 PNGs), and a screenshot is taken
+    if chromium():
+        seen = render_in_browser(tmp_path / "ev" / "report.html", screenshot=tmp_path / "ev" / "report.png")
+        assert seen["title"] == "koa-ray evaluation" and seen["broken"] == 0
+        assert seen["images"] == report.count("<img ")
+        shot = cv2.imread(str(tmp_path / "ev" / "report.png"))
+        assert shot is not None and shot.shape[1] == 1200 and shot.std() > 5
     # raw labelled folder with the checkpoint's own preprocessing gives the same predictions
     raw = evaluate(str(run), synth_dir, tmp_path / "ev_raw", split="test", gradcam_per_grade=0)
     assert raw["n"] == m["n"]

@@ -67,6 +67,16 @@ def test_local_matches_ray_and_reuse(ray_session, synth_dir, tmp_path):
     rb = _read_split(tmp_path / "local" / "train").sort_values("path").reset_index(drop=True)
     assert ra["path"].tolist() == rb["path"].tolist()
     assert (ra["image"] == rb["image"]).all()  # deterministic preprocessing, same bytes
+    # Ray workers write the parts themselves: no temporary file left, and a second run writes the same files with
+    # the same rows in the same order (part names come from their rows' keys), so the prepared order is reproducible
+    assert not [p for p in (tmp_path / "ray").rglob("*") if p.name.endswith(".tmp")]
+    c = prepare(synth_dir, tmp_path / "ray2", PrepConfig(image_size=40), progress=False)
+    assert c["counts"] == a["counts"]
+    for split in a["splits"]:
+        names = sorted(p.name for p in (tmp_path / "ray" / split).glob("*.parquet"))
+        assert names == sorted(p.name for p in (tmp_path / "ray2" / split).glob("*.parquet")) and names
+        assert _read_split(tmp_path / "ray" / split)["path"].tolist() == \
+            _read_split(tmp_path / "ray2" / split)["path"].tolist()
     # re-running reuses; --force recomputes; other settings recompute
     again = prepare(synth_dir, tmp_path / "local", PrepConfig(image_size=40), local=True, progress=False)
     assert again["reused"] is True

@@ -1,6 +1,7 @@
 """Training: Ray Train (2 CPU workers) and local mode, checkpoints, resume, config validation."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -16,9 +17,9 @@ from koa_ray.metrics import classification_metrics
 from koa_ray.train.checkpoint import META, WEIGHTS, resolve_checkpoint
 
 try:
-    from helpers import TINY, val_predictions
+    from helpers import TINY, read_tensorboard_scalars, val_predictions
 except ImportError:  # tests/ imported as a package
-    from tests.helpers import TINY, val_predictions
+    from tests.helpers import TINY, read_tensorboard_scalars, val_predictions
 
 
 @pytest.mark.slow
@@ -26,7 +27,7 @@ def test_ray_train_two_workers_resume_and_reload(ray_session, prepared, tmp_path
     from koa_ray.train.driver import fit
 
     cfg = TrainConfig(data=str(prepared), out=str(tmp_path / "runs"), name="t2", workers=2, cpus_per_worker=0.5,
-                      epochs=1, keep_best=2, **TINY)
+                      epochs=1, keep_best=2, **{**TINY, "mlflow": True})
     first = fit(cfg)
     run = tmp_path / "runs" / "t2"
     assert first["epochs_run"] == 1
@@ -55,6 +56,35 @@ def test_ray_train_two_workers_resume_and_reload(ray_session, prepared, tmp_path
     assert m["qwk"] == pytest.approx(meta["metrics"]["val_qwk"], abs=1e-9)
     assert meta["model"]["arch"] == "densenet_tiny" and meta["preprocess"]["input_size"] == 64
     assert meta["train_config"]["workers"] == 2
+    # MLflow, read back with its own client: one run across the resume, its params the resolved config, one
+    # val_qwk point per epoch equal to metrics.csv, the best checkpoint and the run's files as artifacts
+    from mlflow.tracking import MlflowClient
+
+    assert second["mlflow"]["run_id"] == first["mlflow"]["run_id"]
+    client = MlflowClient(tracking_uri=second["mlflow"]["tracking_uri"])
+    mrun = client.get_run(second["mlflow"]["run_id"])
+    assert mrun.info.status == "FINISHED" and mrun.info.run_name == "t2"
+    assert float(mrun.data.params["optim.lr"]) == cfg.optim.lr and mrun.data.params["workers"] == "2"
+    points = sorted(client.get_metric_history(mrun.info.run_id, "val_qwk"), key=lambda m: m.step)
+    assert [m.step for m in points] == [0, 1]
+    assert [m.value for m in points] == pytest.approx(history["val_qwk"].tolist(), abs=1e-9)
+    assert mrun.data.metrics["best_val_qwk"] == pytest.approx(best["val_qwk"])
+    arts = {a.path for a in client.list_artifacts(mrun.info.run_id)}
+    assert {"curves.png", "metrics.csv", "MODEL_CARD.md", "best_checkpoint", "confusion_matrix_val.png"} <= arts
+    assert {a.path for a in client.list_artifacts(mrun.info.run_id, "best_checkpoint")} >= {
+        "best_checkpoint/model.pt", "best_checkpoint/koa.json"}
+    # TensorBoard event files carry the same per-epoch figures
+    tb = read_tensorboard_scalars(run / "tensorboard")
+    assert [s for s, _ in tb["val_qwk"]] == [0, 1]
+    assert [v for _, v in tb["val_qwk"]] == pytest.approx(history["val_qwk"].tolist(), abs=1e-6)
+    # the model card states the best epoch's val figures, per grade, as the checkpoint holds them
+    card = (run / "MODEL_CARD.md").read_text()
+    val = meta["metrics"]["val"]
+    assert f"QWK **{val['qwk']:.3f}**" in card and f"(n = {val['n']})" in card
+    for g in range(5):
+        pc = val["per_class"][str(g)]
+        assert f"| {pc['precision']:.3f} | {pc['recall']:.3f} | {pc['f1']:.3f} | {pc['support']} |" in card
+    assert cv2.imread(str(run / "confusion_matrix_val.png")) is not None
 
 
 def test_local_mode_is_reproducible(prepared, tmp_path):
@@ -389,3 +419,10 @@ def test_ray_training_killed_resumes_from_the_last_checkpoint(prepared, tmp_path
     assert 1 <= resumed_at <= 3, history["start_epoch"].tolist()  # after a checkpoint, not from scratch
     assert history["start_epoch"].tolist() == [0] * resumed_at + [resumed_at] * (5 - resumed_at)
     assert f"resuming from" in r.stdout + r.stderr
+    # what the user sees: koa's own lines only (no Ray worker/controller output, no dataset plans), each epoch once
+    out = r.stdout
+    assert "(RayTrainWorker" not in out and "TrainController" not in out and "Execution plan" not in out, out
+    for e in range(resumed_at + 1, 6):
+        assert len(re.findall(rf"^\[koa\] epoch {e}/5  loss ", out, flags=re.M)) == 1, out
+    assert "best checkpoint" in out and "MODEL_CARD.md" in out
+    assert len(out.splitlines()) <= 30, out

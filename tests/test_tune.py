@@ -399,3 +399,25 @@ def test_jobs_tune_entrypoint_is_the_cli(tmp_path):
     r = subprocess.run([sys.executable, str(job), "--out", str(tmp_path / "o")], capture_output=True, text=True,
                        timeout=120, cwd=tmp_path)
     assert r.returncode == 2 and "koa tune: error: --data is required" in r.stderr
+
+
+@pytest.mark.slow
+def test_sweep_trials_are_mlflow_runs(sweep):
+    """Every trial that trained is an MLflow run of the sweep's experiment (Ray's MLflowLoggerCallback), whose
+    val_qwk history peaks at the trial's best_val_qwk in results.csv."""
+    from mlflow.tracking import MlflowClient
+
+    from koa_ray.tracking import default_uri
+
+    client = MlflowClient(tracking_uri=default_uri(sweep["out"]))
+    exp = client.get_experiment_by_name("koa-tune-sweep")
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    rows = sweep["rows"]
+    trained = rows[rows["epochs_run"] > 0]
+    for r in trained.itertuples():
+        mine = [m for m in runs if r.trial_id in m.data.tags.get("trial_name", "")]
+        assert mine, f"no MLflow run for trial {r.trial_id}"
+        peak = max(p.value for m in mine for p in client.get_metric_history(m.info.run_id, "val_qwk"))
+        assert peak == pytest.approx(r.best_val_qwk, abs=1e-6)
+        assert any("optim.lr" in m.data.params for m in mine)

@@ -207,24 +207,52 @@ def _prepare_local(inputs: pd.DataFrame, staging: Path, cfg: PrepConfig, progres
     return table.drop(columns=["image"])
 
 
-def _select_split(batch: pd.DataFrame, split: str) -> pd.DataFrame:
-    keep = (batch["status"] == "ok") & (batch["split"] == split)
-    return batch.loc[keep].drop(columns=["status", "error"])
+def write_parts(records: pd.DataFrame, staging: str | Path) -> None:
+    """Write the ``ok`` rows of ``records`` as one Parquet file per split under ``staging/<split>/``, named by a hash
+    of its rows' (path, knee) keys (stable across runs, so the prepared row order is reproducible), via a temporary name
+    and an atomic rename."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ok = records[records["status"] == "ok"]
+    for split, part in ok.groupby("split", sort=True):
+        d = Path(staging) / str(split)
+        d.mkdir(parents=True, exist_ok=True)
+        keys = "\n".join(f"{p}#{k}" for p, k in zip(part["path"], part["knee"]))
+        name = "part-" + hashlib.sha1(keys.encode()).hexdigest()[:16]
+        tmp = d / f".{name}.tmp"
+        pq.write_table(pa.Table.from_pandas(part.drop(columns=["status", "error"]), preserve_index=False), tmp)
+        os.replace(tmp, d / f"{name}.parquet")
+
+
+def process_and_write(batch: pd.DataFrame, cfg: PrepConfig, staging: str) -> pd.DataFrame:
+    """Ray Data body of ``koa prepare``: process a block of files, write its crops to Parquet from the worker, and
+    return only the per-knee metadata (no pixels), so images never travel through the object store or the driver."""
+    records = process_batch(batch, cfg)
+    write_parts(records, staging)
+    return records.drop(columns=["image"])
+
+
+def rows_per_block(n: int, cpus: float, lo: int = 16, hi: int = 256) -> int:
+    """Input rows per Ray Data block: about four blocks per CPU (load balance) within ``[lo, hi]`` (per-task
+    overhead below, memory and file size above)."""
+    return int(min(max(hi, lo), max(lo, -(-n // max(1, int(round(cpus * 4)))))))
 
 
 def _prepare_ray(inputs: pd.DataFrame, staging: Path, cfg: PrepConfig, address, num_cpus, batch_size,
                  progress: bool) -> pd.DataFrame:
+    """One pass: each task decodes, crops and resizes a block of files and writes its Parquet parts; the driver
+    collects only the metadata. ``batch_size`` is the smallest block (input rows per task)."""
+    import sys
+
     import ray
 
-    from koa_ray.runtime import frame_blocks, init_ray
+    from koa_ray.runtime import cluster_cpus, frame_blocks, init_ray
 
     init_ray(address, num_cpus=num_cpus)
-    ray.data.DataContext.get_current().enable_progress_bars = progress
-    ds = ray.data.from_pandas(frame_blocks(inputs, max_rows=batch_size))
-    ds = ds.map_batches(process_batch, fn_kwargs={"cfg": cfg}, batch_format="pandas", batch_size=batch_size)
-    ds = ds.materialize()
-    meta = ds.drop_columns(["image"]).to_pandas()
-    for split in sorted(meta.loc[meta["status"] == "ok", "split"].unique()):
-        part = ds.map_batches(_select_split, fn_kwargs={"split": split}, batch_format="pandas")
-        part.write_parquet(str(staging / split))
-    return meta
+    ray.data.DataContext.get_current().enable_progress_bars = progress and sys.stdout.isatty()
+    rows = rows_per_block(len(inputs), cluster_cpus(), lo=batch_size)
+    ds = ray.data.from_pandas(frame_blocks(inputs, max_rows=rows, max_blocks=10_000))
+    ds = ds.map_batches(process_and_write, fn_kwargs={"cfg": cfg, "staging": str(staging)}, batch_format="pandas",
+                        batch_size=None)
+    return ds.to_pandas()

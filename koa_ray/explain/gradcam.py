@@ -64,8 +64,10 @@ def compute_cams(model: torch.nn.Module, x: torch.Tensor, targets: list[int], me
     return maps
 
 
-def overlay(crop: np.ndarray, cam: np.ndarray, caption: str, alpha: float = 0.4) -> np.ndarray:
-    """RGB uint8 image: JET heatmap blended on the grayscale crop, with a caption bar on top."""
+def overlay(crop: np.ndarray, cam: np.ndarray, caption: str | None, alpha: float = 0.4) -> np.ndarray:
+    """RGB uint8 image: JET heatmap blended on the grayscale crop, upscaled to at least 256 px wide, with the
+    caption (if any) in a bar on top, its font sized to the image so it stays legible. Pass ``caption=None`` when
+    the page shows the caption as text (drawn once)."""
     import cv2
 
     h, w = crop.shape
@@ -73,11 +75,20 @@ def overlay(crop: np.ndarray, cam: np.ndarray, caption: str, alpha: float = 0.4)
     heat = cv2.applyColorMap(np.uint8(255 * np.clip(cam_r, 0, 1)), cv2.COLORMAP_JET)[..., ::-1]
     base = np.repeat(crop[..., None], 3, axis=2).astype(np.float32)
     blend = np.uint8(np.clip((1 - alpha) * base + alpha * heat, 0, 255))
-    scale = max(1, 256 // max(h, 1))
+    scale = max(1, -(-256 // max(w, 1)))
     if scale > 1:
         blend = cv2.resize(blend, (w * scale, h * scale), interpolation=cv2.INTER_NEAREST)
-    bar = np.zeros((22, blend.shape[1], 3), np.uint8)
-    cv2.putText(bar, caption, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+    if not caption:
+        return blend
+    width = blend.shape[1]
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    fs = width / 256 * 0.55
+    (tw, th), _ = cv2.getTextSize(caption, font, fs, 1)
+    if tw > width - 8:  # shrink a long caption to fit the bar
+        fs *= (width - 8) / tw
+        (tw, th), _ = cv2.getTextSize(caption, font, fs, 1)
+    bar = np.zeros((th + 12, width, 3), np.uint8)
+    cv2.putText(bar, caption, (4, th + 5), font, fs, (255, 255, 255), max(1, int(round(fs * 1.6))), cv2.LINE_AA)
     return np.concatenate([bar, blend], axis=0)
 
 
@@ -176,8 +187,9 @@ def contact_sheet(rows: pd.DataFrame, out_html: Path, title: str = "Grad-CAM") -
     """``index.html``: overlays grouped by predicted grade, each with the whole image and its knee box(es) below
     (to check the ROI by eye), errors listed at the end."""
     parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-             "body{font-family:sans-serif} figure{display:inline-block;margin:4px;width:200px}"
-             "img{width:200px} img.film{width:200px;margin-top:2px} figcaption{font-size:11px;word-break:break-all}"
+             "body{font-family:system-ui,sans-serif} figure{display:inline-block;margin:4px;width:256px;"
+             "vertical-align:top} img{width:256px} img.film{margin-top:2px} "
+             "figcaption{font-size:13px;word-break:break-all}"
              "</style></head><body>",
              f"<h1>{html.escape(title)}</h1>"]
     ok = rows[rows.status == "ok"]
@@ -190,8 +202,8 @@ def contact_sheet(rows: pd.DataFrame, out_html: Path, title: str = "Grad-CAM") -
                         f"title='knee box on the whole image'>" if isinstance(film, str) and film else "")
             fallback = " <b>ROI fallback</b>" if bool(getattr(r, "roi_fallback", False)) else ""
             parts.append(f"<figure><img src='{html.escape(r.overlay)}' loading='lazy'>{film_img}<figcaption>"
-                         f"{html.escape(Path(r.path).name)} {html.escape(str(r.side))} p={r.probability:.2f}"
-                         f"{fallback}</figcaption></figure>")
+                         f"{html.escape(Path(r.path).name)} {html.escape(str(r.side))}"
+                         f"{fallback}</figcaption></figure>")  # grade and p are drawn on the overlay, once
     err = rows[rows.status == "error"]
     if len(err):
         parts.append(f"<h2>Errors ({len(err)})</h2><ul>")
@@ -223,7 +235,8 @@ def run_gradcam(inputs: list[str], checkpoint: str, out: str | Path, *, method: 
         GradCamActor, fn_constructor_kwargs={"checkpoint": ckpt, "out_dir": str(out.resolve()), "method": method,
                                              "target": target, "layer": layer, "save_npy": save_npy,
                                              "use_gpu": gpu},
-        batch_size=batch_size, batch_format="pandas", concurrency=concurrency, num_gpus=1 if gpu else 0,
+        batch_size=batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_gpus=1 if gpu else 0,
         num_cpus=0.5 if not gpu else 1)
     rows = ds.to_pandas().sort_values(["path", "knee"], kind="stable").reset_index(drop=True)
     rows.to_csv(out / "index.csv", index=False)

@@ -14,8 +14,10 @@ import torch
 from koa_ray.config import ConfigError, TrainConfig, from_dict, to_dict
 from koa_ray.data.augment import EvalPreset, TrainPreset
 from koa_ray.data.balance import Resample
+from koa_ray.progress import Console, ProgressQueue, Reporter, verbose
 from koa_ray.train.loop import DataInfo, FaultPlan, train_loop
-from koa_ray.train.run import check_inputs, check_resources, data_info, owns_row, write_run_artifacts
+from koa_ray.train.run import (check_inputs, check_resources, data_info, fan_out, owns_row, start_tracking,
+                               write_run_artifacts)
 
 
 class RayTrainSession:
@@ -98,16 +100,21 @@ class RayTrainSession:
 
 def train_worker(config: dict) -> None:
     """``train_loop_per_worker``: rebuild the typed config, then run the shared loop."""
-    import ray.data
+    import ray
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = from_dict(TrainConfig, config["cfg"])
     torch.set_num_threads(max(1, int(config.get("torch_threads", 1))))
     session = RayTrainSession(cfg)
-    print(f"[koa] worker {session.rank}/{session.world_size} on node {ray.get_runtime_context().get_node_id()} "
-          f"({session.device})", flush=True)
+    queue = config.get("progress")
+    where = (f"worker {session.rank}/{session.world_size} on node {ray.get_runtime_context().get_node_id()} "
+             f"({session.device})")
+    if queue is not None:
+        Reporter(queue).message(where)
+    else:
+        print(f"[koa] {where}", flush=True)
     fault = FaultPlan(**config["fault"]) if config.get("fault") else None
-    train_loop(cfg, DataInfo(**config["data"]), session, fault=fault)
+    train_loop(cfg, DataInfo(**config["data"]), session, fault=fault,
+               progress=Reporter(queue) if queue is not None and session.rank == 0 else None)
 
 
 def build_datasets(cfg: TrainConfig, weights: np.ndarray) -> dict:
@@ -171,13 +178,14 @@ def check_shared_storage(storage_path: str) -> None:
 
 
 def build_trainer(cfg: TrainConfig, *, storage_path: str | None = None, callbacks: list | None = None,
-                  scaling_resources: dict | None = None, fault: FaultPlan | None = None):
+                  scaling_resources: dict | None = None, fault: FaultPlan | None = None, progress=None):
     """The ``TorchTrainer`` for ``cfg`` (Ray must be initialised). Used by :func:`fit` and by Tune trials.
 
     The run is named ``cfg.name`` under ``storage_path`` (default ``cfg.storage_path`` or ``cfg.out``); re-using a
-    name resumes that run from its latest checkpoint.
+    name resumes that run from its latest checkpoint. ``progress``: a ``ray.util.queue.Queue`` for the console
+    events of the workers (:class:`koa_ray.progress.ProgressQueue`).
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg = cfg.validate()
@@ -189,14 +197,15 @@ def build_trainer(cfg: TrainConfig, *, storage_path: str | None = None, callback
         train_loop_per_worker=train_worker,
         train_loop_config={"cfg": to_dict(cfg), "data": asdict(info),
                            "torch_threads": cfg.torch_threads or max(1, int(cfg.cpus_per_worker)),
-                           "fault": asdict(fault) if fault is not None else None},
+                           "fault": asdict(fault) if fault is not None else None, "progress": progress},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker=resources,
                                      placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(
             name=cfg.name, storage_path=storage, callbacks=list(callbacks or []),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_best, checkpoint_score_attribute=score_attr,
                                                checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=cfg.max_failures)),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING")),
         datasets=build_datasets(cfg, weights),
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
@@ -217,9 +226,13 @@ def fit(cfg: TrainConfig, scaling_resources: dict | None = None, fault: FaultPla
     ``fault`` injects a crash (fault-tolerance tests)."""
     from koa_ray.runtime import init_ray, local_resources
 
+    import time
+
+    t0 = time.perf_counter()
     cfg = cfg.validate()
     check_inputs(cfg)  # data and output, before Ray starts
     import ray
+    import ray.data
 
     remote = bool(cfg.address or os.environ.get("RAY_ADDRESS"))
     if not remote:  # the local instance koa starts gets this machine's CPUs and GPUs, and can never grow
@@ -232,15 +245,31 @@ def fit(cfg: TrainConfig, scaling_resources: dict | None = None, fault: FaultPla
             print(f"[koa] warning: {e} (waiting in case the cluster scales up)", flush=True)
     storage = cfg.storage_path or str(Path(cfg.out).resolve())
     check_shared_storage(storage)
-    result = build_trainer(cfg, storage_path=storage, scaling_resources=scaling_resources, fault=fault).fit()
-    if result.error:
-        raise RuntimeError(f"training run {cfg.name} failed: {result.error}") from result.error
-    ckpts = result_checkpoints(result)
-    if "://" in storage:
-        return {"run_dir": f"{storage.rstrip('/')}/{cfg.name}", "checkpoints": ckpts}
-    directory = Path(storage) / cfg.name
-    best = write_run_artifacts(cfg, directory, ckpts)
-    return {**best, "run_dir": str(directory)}
+    local_dir = Path(storage) / cfg.name if "://" not in storage else Path(cfg.out).resolve() / cfg.name
+    tracker = start_tracking(cfg, local_dir)
+    if not verbose():  # the epoch lines are the progress; no Ray Data bars for the one-off reads of the set-up
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    console = Console()
+    try:
+        with ProgressQueue(fan_out(console.handle, *tracker.handlers)) as pq:
+            result = build_trainer(cfg, storage_path=storage, scaling_resources=scaling_resources, fault=fault,
+                                   progress=pq.queue).fit()
+        if result.error:
+            raise RuntimeError(f"training run {cfg.name} failed: {result.error}") from result.error
+        ckpts = result_checkpoints(result)
+        if "://" in storage:
+            out = {"run_dir": f"{storage.rstrip('/')}/{cfg.name}", "checkpoints": ckpts, "best": None}
+        else:
+            out = {"run_dir": str(local_dir)}
+            out.update(write_run_artifacts(cfg, local_dir, ckpts, wall_s=time.perf_counter() - t0))
+    except BaseException:
+        console.close()
+        tracker.fail()
+        raise
+    console.close()
+    out.update(tracker.finish(out if "checkpoint" in out else None))  # a store error is reported, not raised
+    out["wall_s"] = time.perf_counter() - t0
+    return out
 
 
 def _has_val(cfg: TrainConfig) -> bool:

@@ -24,6 +24,7 @@ from koa_ray.config import TrainConfig, to_dict
 from koa_ray.data.augment import GRAY_MEAN, GRAY_STD
 from koa_ray.losses import build_loss, class_weights
 from koa_ray.metrics import DECODINGS, classification_metrics, decode_grades
+from koa_ray.progress import Reporter
 from koa_ray.train.checkpoint import TRAIN_STATE, WEIGHTS, load_tensors, save_checkpoint, unwrap
 from koa_ray.train.ema import ModelEma
 
@@ -171,13 +172,23 @@ class FaultPlan:
             os._exit(17)
 
 
-def train_loop(cfg: TrainConfig, data: DataInfo, session: Session, fault: FaultPlan | None = None) -> None:
+def train_loop(cfg: TrainConfig, data: DataInfo, session: Session, fault: FaultPlan | None = None,
+               progress: Reporter | None = None) -> None:
     """Train ``cfg.epochs`` epochs (or until early stopping), reporting metrics and a checkpoint every epoch.
 
     Resumes from ``session.latest_checkpoint()`` when there is one; every epoch's metrics record ``start_epoch``,
     the epoch this process started (or resumed) at, so a restarted run shows that no finished epoch was repeated.
+    ``progress`` (rank 0) gets the console events (:mod:`koa_ray.progress`); without one, rank 0 prints its lines.
     ``fault`` injects a crash (tests only)."""
     from koa_ray.models import build_model
+
+    def say(text: str) -> None:
+        if session.rank != 0:
+            return
+        if progress is not None:
+            progress.message(text)
+        else:
+            print(f"[koa] {text}", flush=True)
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed + session.rank)
@@ -208,9 +219,8 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session, fault: FaultP
     start_epoch, best_qwk, bad_epochs, history = 0, -math.inf, 0, []
     ema = None
     with session.latest_checkpoint() as ckpt:
-        if ckpt is not None and not (Path(ckpt) / TRAIN_STATE).is_file() and session.rank == 0:
-            print(f"[koa] {ckpt} has no {TRAIN_STATE} (optimizer state): it cannot be resumed, training starts at "
-                  "epoch 0", flush=True)
+        if ckpt is not None and not (Path(ckpt) / TRAIN_STATE).is_file():
+            say(f"{ckpt} has no {TRAIN_STATE} (optimizer state): it cannot be resumed, training starts at epoch 0")
         if ckpt is not None and (Path(ckpt) / TRAIN_STATE).is_file():
             state = load_tensors(Path(ckpt) / TRAIN_STATE)
             saved = load_tensors(Path(ckpt) / WEIGHTS)
@@ -226,8 +236,7 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session, fault: FaultP
             import json
 
             history = json.loads(state["history_json"])
-            if session.rank == 0:
-                print(f"[koa] resuming from {ckpt} at epoch {start_epoch}", flush=True)
+            say(f"resuming from {ckpt} at epoch {start_epoch}")
     if ema is None and cfg.optim.ema_decay > 0:
         ema = ModelEma(unwrap(model), cfg.optim.ema_decay)
     eval_model = ema.module if ema is not None else model  # what is validated, ranked and saved as model.pt
@@ -238,7 +247,12 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session, fault: FaultP
         t0 = time.perf_counter()
         seen = torch.zeros(NUM_CLASSES, dtype=torch.float64)
         loss_sum = torch.zeros(1, dtype=torch.float64)
+        steps = min(steps_per_epoch, cfg.max_steps_per_epoch or steps_per_epoch)
+        if progress is not None:
+            progress.send("start", epoch=epoch, epochs=cfg.epochs, steps=steps)
+        data_wait, t_ready = 0.0, time.perf_counter()
         for step, (x, y) in enumerate(session.train_batches(epoch)):
+            data_wait += time.perf_counter() - t_ready  # blocked on the input pipeline for this batch
             if cfg.max_steps_per_epoch is not None and step >= cfg.max_steps_per_epoch:
                 break
             if fault is not None:
@@ -262,11 +276,16 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session, fault: FaultP
                 ema.update(unwrap(model))
             seen += torch.bincount(y.cpu(), minlength=NUM_CLASSES).double()
             loss_sum += float(loss.detach()) * len(y)
+            if progress is not None:
+                progress.step(epoch, cfg.epochs, step + 1, steps,
+                              float(seen.sum()) * session.world_size / max(time.perf_counter() - t0, 1e-9))
+            t_ready = time.perf_counter()
         train_time = time.perf_counter() - t0
         seen = session.all_reduce(seen)
         loss_sum = session.all_reduce(loss_sum)
         n_seen = float(seen.sum())
 
+        t_val = time.perf_counter()
         cms, val_loss_sum, n_val = evaluate_batches(eval_model, session.val_batches(), device, eval_loss,
                                                     eval_autocast_dtype(amp, device), cfg.channels_last)
         cms = {how: session.all_reduce(torch.as_tensor(c, dtype=torch.float64)).numpy().astype(np.int64)
@@ -279,7 +298,8 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session, fault: FaultP
         metrics = {"epoch": epoch, "start_epoch": first_epoch, "train_loss": float(loss_sum) / max(n_seen, 1),
                    "lr": scheduler.get_last_lr()[0],
                    "train_images": int(n_seen), "train_img_per_s": n_seen / max(train_time, 1e-9),
-                   "epoch_time_s": time.perf_counter() - t0}
+                   "epoch_time_s": time.perf_counter() - t0, "val_time_s": time.perf_counter() - t_val,
+                   "data_wait_share": data_wait / max(train_time, 1e-9)}
         metrics.update({f"train_count_{g}": int(seen[g]) for g in range(NUM_CLASSES)})
         if val is not None:
             metrics["val_loss"] = val_loss_sum / max(int(cm.sum()), 1)
@@ -294,11 +314,13 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session, fault: FaultP
             bad_epochs += 1
         metrics["best_val_qwk"] = best_qwk
         history.append({k: v for k, v in metrics.items() if k != "val_confusion_matrix"})
-        if session.rank == 0:
-            dist = ", ".join(f"KL{g}={int(seen[g])}" for g in range(NUM_CLASSES))
-            print(f"[koa] epoch {epoch}: train_loss={metrics['train_loss']:.4f} "
-                  f"val_qwk={metrics.get('val_qwk', float('nan')):.4f} val_acc={metrics.get('val_accuracy', float('nan')):.4f} "
-                  f"{metrics['train_img_per_s']:.1f} img/s; effective class distribution: {dist}", flush=True)
+        if session.rank == 0 and progress is not None:
+            progress.send("epoch", epochs=cfg.epochs, metrics={k: v for k, v in metrics.items()
+                                                               if k != "val_confusion_matrix"})
+        elif session.rank == 0:
+            from koa_ray.progress import epoch_line
+
+            print("[koa] " + epoch_line(metrics, cfg.epochs, None, False), flush=True)
 
         stop = cfg.patience > 0 and bad_epochs >= cfg.patience
         with tempfile.TemporaryDirectory(prefix="koa-ckpt-") as tmp:
@@ -316,9 +338,7 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session, fault: FaultP
                                                                  {**metrics, "val": val}, history), state)
             session.report(metrics, ckpt_dir)
         if stop:
-            if session.rank == 0:
-                print(f"[koa] early stopping at epoch {epoch}: val_qwk has not improved for {bad_epochs} epochs",
-                      flush=True)
+            say(f"early stopping at epoch {epoch}: val_qwk has not improved for {bad_epochs} epochs")
             break
 
 

@@ -14,7 +14,9 @@ import pandas as pd
 from koa_ray.config import ConfigError, TrainConfig, save_yaml
 from koa_ray.data.balance import sampled_counts, sampling_weights
 from koa_ray.data.prep import MANIFEST, load_manifest
+from koa_ray.plots import plot_confusion, plot_curves
 from koa_ray.train.checkpoint import BEST_POINTER, META
+from koa_ray.train.card import write_model_card
 from koa_ray.train.loop import NUM_CLASSES, DataInfo
 
 
@@ -87,8 +89,10 @@ def run_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.out).resolve() / cfg.name
 
 
-def write_run_artifacts(cfg: TrainConfig, directory: Path, checkpoints: list[str | Path]) -> dict:
-    """Write ``config.yaml``, ``metrics.csv``, ``curves.png`` and ``best.json`` (best checkpoint by val QWK).
+def write_run_artifacts(cfg: TrainConfig, directory: Path, checkpoints: list[str | Path],
+                        wall_s: float | None = None) -> dict:
+    """Write ``config.yaml``, ``metrics.csv``, ``curves.png``, ``best.json`` (best checkpoint by val QWK), the best
+    epoch's ``confusion_matrix_val.png`` and ``MODEL_CARD.md``.
 
     Returns the ``best.json`` content.
     """
@@ -122,27 +126,60 @@ def write_run_artifacts(cfg: TrainConfig, directory: Path, checkpoints: list[str
     tmp = directory / (BEST_POINTER + ".tmp")
     tmp.write_text(json.dumps(best, indent=2))
     tmp.replace(directory / BEST_POINTER)
+    val = best_meta["metrics"].get("val")
+    if val:
+        plot_confusion(np.array(val["confusion_matrix"]), directory / "confusion_matrix_val.png")
+    write_model_card(directory, best_meta["train_config"], best_meta, wall_s)
     return best
 
 
-def plot_curves(history: pd.DataFrame, path: Path) -> None:
-    import matplotlib
+class Trackers:
+    """The run's experiment trackers, as one progress-event handler: MLflow (:class:`koa_ray.tracking.MlflowRun`,
+    unless ``cfg.mlflow`` is off) and TensorBoard event files (unless ``cfg.tensorboard`` is off)."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def __init__(self, cfg: TrainConfig, directory: Path):
+        from koa_ray.tracking import MlflowRun, TensorBoardLog
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].plot(history["epoch"], history["train_loss"], "o-", label="train loss")
-    if "val_loss" in history:
-        axes[0].plot(history["epoch"], history["val_loss"], "o-", label="val loss (CE)")
-    axes[0].set_xlabel("epoch")
-    axes[0].legend()
-    for key in ("val_qwk", "val_accuracy", "val_macro_f1", "val_balanced_accuracy"):
-        if key in history:
-            axes[1].plot(history["epoch"], history[key], "o-", label=key)
-    axes[1].set_xlabel("epoch")
-    axes[1].set_ylim(-0.05, 1.0)
-    axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        self.mlflow = MlflowRun(cfg, directory, cfg.mlflow_uri, cfg.mlflow_experiment) if cfg.mlflow else None
+        self.tensorboard = TensorBoardLog(directory) if cfg.tensorboard else None
+        self.handlers = [t.on_event for t in (self.mlflow, self.tensorboard) if t is not None]
+
+    def finish(self, best: dict | None) -> dict:
+        """Close every tracker (MLflow logs the run's files first); returns what the summary shows."""
+        out = {}
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            out["tensorboard"] = str(self.tensorboard.path)
+        if self.mlflow is not None:
+            self.mlflow.finish(best)
+            out["mlflow"] = self.mlflow.info()
+        return out
+
+    def fail(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.mlflow is not None:
+            self.mlflow.fail()
+
+
+def start_tracking(cfg: TrainConfig, directory: Path) -> Trackers:
+    return Trackers(cfg, directory)
+
+
+def fan_out(*handlers):
+    """One progress-event handler that calls each of ``handlers`` (``None`` entries skipped). A handler that raises
+    (e.g. an MLflow store that went away) is reported once on stderr and dropped; the others, and training, go on."""
+    import sys
+
+    live = [h for h in handlers if h is not None]
+
+    def handle(ev: dict) -> None:
+        for h in list(live):
+            try:
+                h(ev)
+            except Exception as e:  # noqa: BLE001 - reported, and the handler is dropped
+                live.remove(h)
+                print(f"[koa] warning: {getattr(h, '__qualname__', h)} failed ({type(e).__name__}: {e}); "
+                      "it gets no more events, training goes on", file=sys.stderr, flush=True)
+
+    return handle
