@@ -109,13 +109,11 @@ class Console:
         self._epoch_t0 = self._last_line = 0.0
         self._times: list[float] = []
         self._prev_best: float | None = None
-        self.lines = 0
 
     def write(self, text: str) -> None:
         if self._bar is not None:
             self._bar.clear()
         print(self.prefix + text, file=self.stream, flush=True)
-        self.lines += 1
         if self._bar is not None:
             self._bar.refresh()
 

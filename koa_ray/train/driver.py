@@ -14,10 +14,9 @@ import torch
 from koa_ray.config import ConfigError, TrainConfig, from_dict, to_dict
 from koa_ray.data.augment import EvalPreset, TrainPreset
 from koa_ray.data.balance import Resample
-from koa_ray.progress import Console, ProgressQueue, Reporter, verbose
+from koa_ray.progress import ProgressQueue, Reporter, verbose
 from koa_ray.train.loop import DataInfo, FaultPlan, train_loop
-from koa_ray.train.run import (check_inputs, check_resources, data_info, fan_out, owns_row, start_tracking,
-                               write_run_artifacts)
+from koa_ray.train.run import check_inputs, check_resources, data_info, owns_row, watched, write_run_artifacts
 
 
 class RayTrainSession:
@@ -246,28 +245,20 @@ def fit(cfg: TrainConfig, scaling_resources: dict | None = None, fault: FaultPla
     storage = cfg.storage_path or str(Path(cfg.out).resolve())
     check_shared_storage(storage)
     local_dir = Path(storage) / cfg.name if "://" not in storage else Path(cfg.out).resolve() / cfg.name
-    tracker = start_tracking(cfg, local_dir)
     if not verbose():  # the epoch lines are the progress; no Ray Data bars for the one-off reads of the set-up
         ray.data.DataContext.get_current().enable_progress_bars = False
-    console = Console()
-    try:
-        with ProgressQueue(fan_out(console.handle, *tracker.handlers)) as pq:
-            result = build_trainer(cfg, storage_path=storage, scaling_resources=scaling_resources, fault=fault,
-                                   progress=pq.queue).fit()
+    with watched(cfg, local_dir) as (handle, trackers), ProgressQueue(handle) as pq:
+        result = build_trainer(cfg, storage_path=storage, scaling_resources=scaling_resources, fault=fault,
+                               progress=pq.queue).fit()
         if result.error:
             raise RuntimeError(f"training run {cfg.name} failed: {result.error}") from result.error
         ckpts = result_checkpoints(result)
         if "://" in storage:
-            out = {"run_dir": f"{storage.rstrip('/')}/{cfg.name}", "checkpoints": ckpts, "best": None}
+            out = {"run_dir": f"{storage.rstrip('/')}/{cfg.name}", "checkpoints": ckpts}
         else:
             out = {"run_dir": str(local_dir)}
             out.update(write_run_artifacts(cfg, local_dir, ckpts, wall_s=time.perf_counter() - t0))
-    except BaseException:
-        console.close()
-        tracker.fail()
-        raise
-    console.close()
-    out.update(tracker.finish(out if "checkpoint" in out else None))  # a store error is reported, not raised
+    out.update(trackers.finish(out if "checkpoint" in out else None))  # a store error is reported, not raised
     out["wall_s"] = time.perf_counter() - t0
     return out
 

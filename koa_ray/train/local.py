@@ -20,10 +20,10 @@ from koa_ray.config import TrainConfig
 from koa_ray.data.augment import EvalPreset, TrainPreset
 from koa_ray.data.balance import epoch_indices
 from koa_ray.data.decode import decode_image_column
-from koa_ray.progress import Console, Reporter
+from koa_ray.progress import Reporter
 from koa_ray.train.checkpoint import META, TRAIN_STATE, WEIGHTS
 from koa_ray.train.loop import FaultPlan, batched, train_loop
-from koa_ray.train.run import check_inputs, data_info, fan_out, run_dir, start_tracking, write_run_artifacts
+from koa_ray.train.run import check_inputs, data_info, run_dir, watched, write_run_artifacts
 
 
 def read_split(prep: str | Path, split: str, columns=("image", "size", "label", "path", "knee")) -> pd.DataFrame:
@@ -144,18 +144,10 @@ def fit_local(cfg: TrainConfig, loader_workers: int = 0, fault: FaultPlan | None
     directory = run_dir(cfg)
     directory.mkdir(parents=True, exist_ok=True)
     session = LocalSession(cfg, weights, directory, loader_workers)
-    tracker = start_tracking(cfg, directory)
-    console = Console()
-    try:
-        train_loop(cfg, info, session, fault=fault,
-                   progress=Reporter(fan_out(console.handle, *tracker.handlers)))
+    with watched(cfg, directory) as (handle, trackers):
+        train_loop(cfg, info, session, fault=fault, progress=Reporter(handle))
         best = write_run_artifacts(cfg, directory, session.checkpoints(), wall_s=time.perf_counter() - t0)
-    except BaseException:
-        console.close()
-        tracker.fail()
-        raise
-    console.close()
     out = {**best, "run_dir": str(directory), "device": str(session.device)}
-    out.update(tracker.finish(best))  # a store error is reported, not raised
+    out.update(trackers.finish(best))  # a store error is reported, not raised
     out["wall_s"] = time.perf_counter() - t0
     return out

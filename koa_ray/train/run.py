@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -162,8 +163,21 @@ class Trackers:
             self.mlflow.fail()
 
 
-def start_tracking(cfg: TrainConfig, directory: Path) -> Trackers:
-    return Trackers(cfg, directory)
+@contextlib.contextmanager
+def watched(cfg: TrainConfig, directory: Path):
+    """The console and the trackers of a training run, for :func:`~koa_ray.train.driver.fit` and
+    :func:`~koa_ray.train.local.fit_local`: yields ``(handle, trackers)``, ``handle`` taking the loop's progress
+    events. The console is closed on the way out; if training raised, the trackers are marked failed."""
+    from koa_ray.progress import Console
+
+    trackers, console = Trackers(cfg, directory), Console()
+    try:
+        yield fan_out(console.handle, *trackers.handlers), trackers
+    except BaseException:
+        trackers.fail()
+        raise
+    finally:
+        console.close()
 
 
 def fan_out(*handlers):
