@@ -22,10 +22,9 @@ test: setup
 test-fast: setup  # the suite without Ray (no Ray Train, Tune, Data or Jobs): for development, ~1-2 min
 	$(BIN)/python -m pytest -q -m "not ray"
 
-bench: setup
-	$(BIN)/python benchmarks/bench_prepare.py
+bench: setup  # every performance comparison side by side, with targets (benchmarks/RESULTS.md), then ROI
+	$(BIN)/python benchmarks/compare.py
 	$(BIN)/python benchmarks/bench_roi.py
-	$(BIN)/python benchmarks/bench_train.py
 
 clean:
 	rm -rf demo_out .pytest_cache

@@ -81,7 +81,7 @@ def _train_config(a):
                  "batch_size": a.batch_size, "image_size": a.image_size, "optim.lr": a.lr,
                  "model.attention": a.attention, "model.arch": a.arch, "loss.name": a.loss,
                  "model.pretrained": a.pretrained, "model.weights": a.weights, "seed": a.seed,
-                 "mlflow": False if a.no_mlflow else None, "mlflow_uri": a.mlflow_uri}
+                 "compile": a.compile, "mlflow": False if a.no_mlflow else None, "mlflow_uri": a.mlflow_uri}
     return load_train_config(a.config, overrides, a.set or [])
 
 
@@ -125,7 +125,7 @@ def cmd_score(a) -> int:
     from koa_ray.score import score
 
     summary = score(a.input, a.checkpoint, a.out, batch_size=a.batch_size, concurrency=a.concurrency,
-                    resume=a.resume, tta=a.tta, address=a.address)
+                    resume=a.resume, tta=a.tta, address=a.address, threads=a.threads)
     _print_json(summary)
     if summary.get("interrupted"):
         return 0
@@ -249,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pretrained", choices=["imagenet"])
     s.add_argument("--weights", help="local weights file for the backbone (offline alternative to --pretrained)")
     s.add_argument("--seed", type=int)
+    s.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (GPU fast path)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. loss.gamma=1.5")
     s.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///<run folder>/mlflow.db)")
     s.add_argument("--no-mlflow", action="store_true", help="do not track the run in MLflow")
@@ -272,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="results.csv or results.parquet")
     s.add_argument("--resume", action="store_true", help="skip paths already in the output")
     s.add_argument("--tta", action="store_true")
+    s.add_argument("--threads", type=int, help="torch threads per CPU actor (default: the CPUs shared between actors)")
     _add_actor_pool(s)
     s.set_defaults(fn=cmd_score)
 

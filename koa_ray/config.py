@@ -31,6 +31,7 @@ class ModelConfig:
     drop_rate: float = 0.2
     pretrained: str | None = None  # "imagenet" or None
     weights: str | None = None  # local weights file
+    memory_efficient: bool = False  # gradient-checkpoint the dense layers: less GPU memory, ~20 % slower
 
     def validate(self):
         from koa_ray.models import ARCHS
@@ -184,6 +185,7 @@ class TrainConfig:
     max_failures: int = 1  # Ray Train restarts after a worker crash, from the latest checkpoint (-1: unlimited)
     amp: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 (any device; ~2x on AMX CPUs) | fp16 (CUDA) | off
     channels_last: bool = True
+    compile: bool = False  # torch.compile the model (GPU fast path; benchmarks/gpu_check.sh measures it)
     max_steps_per_epoch: int | None = None  # cap on optimizer steps per epoch (per worker); None = whole epoch
     torch_threads: int | None = None  # intra-op threads per worker; None = max(1, int(cpus_per_worker))
     decode: str = "argmax"  # argmax | expected: grade = round(sum_k k * p_k), the ordinal (QWK-friendly) decoding

@@ -26,9 +26,11 @@ PRED_COLUMNS = ["path", "label", "status", "error", "grade", "p0", "p1", "p2", "
 class EvalActor:
     """Ray Data actor for evaluation: prepared crops (``image`` column) or raw files (``path`` column)."""
 
-    def __init__(self, checkpoint: str, tta: bool = False, use_gpu: bool = False):
+    def __init__(self, checkpoint: str, tta: bool = False, use_gpu: bool = False, threads: int = 1):
         from koa_ray.inference import Predictor
+        from koa_ray.runtime import set_actor_threads
 
+        set_actor_threads(threads)
         self.p = Predictor(checkpoint, device="cuda" if use_gpu else "cpu")
         self.tta = tta
 
@@ -63,7 +65,7 @@ def predict_split(checkpoint: str, data: str | Path, split: str, tta: bool, batc
     import ray
 
     from koa_ray.data.ingest import discover
-    from koa_ray.runtime import cluster_gpus, frame_blocks, init_ray
+    from koa_ray.runtime import actor_threads, cluster_gpus, frame_blocks, init_ray
     from koa_ray.train.checkpoint import resolve_checkpoint
 
     data = Path(data)
@@ -91,7 +93,8 @@ def predict_split(checkpoint: str, data: str | Path, split: str, tta: bool, batc
         # a manifest's side column decides mirroring as it did at prepare time; otherwise the checkpoint's regex
         rows = rows.assign(side=rows["side"] if side_from_manifest else "")
         ds = ray.data.from_pandas(frame_blocks(rows[["path", "label", "side"]], batch_size))
-    ds = ds.map_batches(EvalActor, fn_constructor_kwargs={"checkpoint": ckpt, "tta": tta, "use_gpu": gpu},
+    ds = ds.map_batches(EvalActor, fn_constructor_kwargs={"checkpoint": ckpt, "tta": tta, "use_gpu": gpu,
+                                                          "threads": actor_threads(concurrency)},
                         batch_size=batch_size, batch_format="pandas",
                         compute=ray.data.ActorPoolStrategy(size=concurrency),
                         num_gpus=1 if gpu else 0, num_cpus=0.5 if not gpu else 1)

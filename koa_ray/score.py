@@ -55,12 +55,11 @@ def score_rows(predictor, paths, tta: bool = False, sides=None) -> pd.DataFrame:
 class ScoreActor:
     """Ray Data actor: one model per actor, batches of paths in, score rows out."""
 
-    def __init__(self, checkpoint: str, use_gpu: bool = False, tta: bool = False):
-        import torch
-
+    def __init__(self, checkpoint: str, use_gpu: bool = False, tta: bool = False, threads: int = 1):
         from koa_ray.inference import Predictor
+        from koa_ray.runtime import set_actor_threads
 
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        set_actor_threads(threads)
         self.predictor = Predictor(checkpoint, device="cuda" if use_gpu else "cpu")
         self.tta = tta
 
@@ -120,10 +119,12 @@ def check_same_model(rows: pd.DataFrame, model: str, out: Path) -> None:
 
 def score(inputs: list[str], checkpoint: str, out: str | Path, *, batch_size: int = 32, concurrency: int = 1,
           resume: bool = False, use_gpu: bool | None = None, tta: bool = False, address: str | None = None,
-          flush_rows: int = 2000, max_files: int | None = None) -> dict:
+          flush_rows: int = 2000, max_files: int | None = None, threads: int | None = None) -> dict:
     """Score every file under ``inputs`` and write ``out`` (``.csv`` or ``.parquet``).
 
     Args:
+        threads: torch threads per CPU actor (default: the cluster's CPUs shared between the ``concurrency``
+            actors, :func:`koa_ray.runtime.actor_threads`).
         max_files: stop after this many new files (used to simulate an interrupted job in tests).
     Returns:
         Summary: counts of inputs, rows, ok and errors, and the output path.
@@ -131,7 +132,7 @@ def score(inputs: list[str], checkpoint: str, out: str | Path, *, batch_size: in
     import ray
 
     from koa_ray.data.ingest import expand_inputs, input_frame
-    from koa_ray.runtime import cluster_gpus, frame_blocks, init_ray
+    from koa_ray.runtime import actor_threads, cluster_gpus, frame_blocks, init_ray
     from koa_ray.train.checkpoint import model_id, resolve_checkpoint
 
     out = Path(out)
@@ -156,7 +157,8 @@ def score(inputs: list[str], checkpoint: str, out: str | Path, *, batch_size: in
         init_ray(address)
         gpu = bool(cluster_gpus() > 0) if use_gpu is None else use_gpu
         ds = ray.data.from_pandas(frame_blocks(input_frame(todo, inputs), batch_size)).map_batches(
-            ScoreActor, fn_constructor_kwargs={"checkpoint": ckpt, "use_gpu": gpu, "tta": tta},
+            ScoreActor, fn_constructor_kwargs={"checkpoint": ckpt, "use_gpu": gpu, "tta": tta,
+                                               "threads": actor_threads(concurrency, threads)},
             batch_size=batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=concurrency),
             num_gpus=1 if gpu else 0,
             num_cpus=0.5 if not gpu else 1)

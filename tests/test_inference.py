@@ -377,3 +377,30 @@ def test_checkpoint_loaders_refuse_code_and_name_truncated_files(tiny_run, tmp_p
     (cut / WEIGHTS).write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"cut/model.pt: not a readable PyTorch file"):
         load_checkpoint(cut)
+
+
+def test_inference_actors_compute_with_their_share_of_the_cores(tiny_run, monkeypatch):
+    """Ray sets OMP_NUM_THREADS from an actor's CPU reservation (0.5 -> 1 thread): an inference actor must take
+    its share of the node's cores instead, or a 2-core machine scores at half the bare forward speed."""
+    import os
+
+    import koa_ray.runtime as rt
+    from koa_ray.evaluate import EvalActor
+    from koa_ray.score import ScoreActor
+
+    monkeypatch.setattr(rt, "cluster_cpus", lambda: 8.0)
+    assert [rt.actor_threads(c) for c in (1, 3, 16)] == [8, 2, 1]
+    assert rt.actor_threads(2, threads=3) == 3
+    with pytest.raises(ValueError, match="threads=0"):
+        rt.actor_threads(1, threads=0)
+    run, _ = tiny_run
+    before = torch.get_num_threads()
+    try:
+        ScoreActor(str(run), threads=2)
+        assert torch.get_num_threads() == min(2, os.cpu_count())
+        EvalActor(str(run), threads=1)
+        assert torch.get_num_threads() == 1
+        ScoreActor(str(run), threads=10_000)  # never more than the node has
+        assert torch.get_num_threads() == os.cpu_count()
+    finally:
+        torch.set_num_threads(before)

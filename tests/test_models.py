@@ -321,3 +321,17 @@ def test_pretrained_uses_file_placed_in_torch_home(offline):
     torch.testing.assert_close(model.features.conv0.weight, tv.features.conv0.weight.mean(1, keepdim=True))
     torch.testing.assert_close(model.features.norm5.running_var, tv.features.norm5.running_var)
     assert "pretrained" not in model.build_config and "weights" not in model.build_config
+
+
+def test_unwrap_finds_the_bare_model_inside_compile_and_data_parallel():
+    """Checkpoints and the weight EMA read the bare model: a ``torch.compile`` wrapper (``--compile``) must not put
+    ``_orig_mod.`` into saved keys, with or without DataParallel/DDP around or inside it."""
+    from koa_ray.train.checkpoint import unwrap
+
+    model = build_model(TINY)
+    compiled = torch.compile(model)  # wrapping is lazy: nothing is compiled until it is called
+    assert unwrap(compiled) is model
+    assert unwrap(nn.DataParallel(compiled)) is model
+    assert unwrap(torch.compile(nn.DataParallel(model))) is model
+    assert list(unwrap(compiled).state_dict()) == list(model.state_dict())
+    assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())  # what a naive save would write

@@ -15,9 +15,9 @@ from koa_ray.data.roi import KneeBox, RoiConfig, box_iou, crop_knee, detect_knee
 from koa_ray.data.synthetic import embed_in_canvas, render_bilateral, render_knee
 
 try:
-    from films import drawn_film, held_out_scores, held_out_set
+    from films import drawn_film, held_out_scores, held_out_set, stitched_film
 except ImportError:  # tests/ imported as a package
-    from tests.films import drawn_film, held_out_scores, held_out_set
+    from tests.films import drawn_film, held_out_scores, held_out_set, stitched_film
 
 REAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "knee-kl224"
 needs_real = pytest.mark.skipif(not REAL.is_dir(), reason="real knee-kl224 crops (../shared) not available")
@@ -252,6 +252,26 @@ def test_held_out_films_one_or_two_knees(gen):
     assert r["single_kept_whole"] >= 0.95, f"single films kept whole {r['single_kept_whole']:.2f}"
     assert r["single_iou"] >= 0.85, f"single mean IoU {r['single_iou']:.3f}"
     assert r["bilateral_iou"] >= 0.85, f"bilateral mean IoU {r['bilateral_iou']:.3f}"
+
+
+@needs_real
+def test_bilateral_film_with_one_leg_exposed_darker_still_gives_two_knees():
+    """One leg 40 % as bright as the other (thicker soft tissue, the edge of the beam) with air between them, on
+    films taller than wide (long femur and tibia: no width cue): the dim leg is still a leg, so the dark gap is
+    tested as two knees. Before, a leg under half the brightest column's level meant "no leg" and every one of
+    these films came back as one knee."""
+    right, left = sorted(REAL.glob("val/2/*R.jpg"))[:12], sorted(REAL.glob("val/2/*L.jpg"))[:12]
+    found, ious = 0, []
+    for i, (r, l) in enumerate(zip(right, left)):
+        dim = (cv2.imread(str(r), cv2.IMREAD_GRAYSCALE).astype(np.float32) * 0.4).astype(np.uint8)
+        img, truth = stitched_film([dim, cv2.imread(str(l), cv2.IMREAD_GRAYSCALE)], np.random.default_rng(300 + i),
+                                   height=1200, clutter=False)
+        boxes = detect_knees(img)
+        if [b.side for b in boxes] == ["R", "L"]:
+            found += 1
+            ious += [box_iou(b, (t["x0"], t["y0"], t["x1"], t["y1"])) for b, t in zip(boxes, truth)]
+    assert found >= 10, f"{found}/12 films found as two knees"
+    assert np.mean(ious) >= 0.75, f"mean IoU {np.mean(ious):.3f}"
 
 
 @pytest.mark.parametrize("gen", ["stitched", "drawn"])

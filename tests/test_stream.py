@@ -39,9 +39,14 @@ def test_ray_train_stream_batches_have_the_epoch_grade_mix(ray_session, prepared
     epochs = [np.concatenate([b["label"] for b in train.iter_batches(batch_size=bs, batch_format="numpy")])
               for _ in range(3)]
     rng = np.random.default_rng(0)
-    for labels in epochs:
-        ref = np.mean([majority_share(rng.permutation(labels), bs) for _ in range(200)])
-        assert abs(majority_share(labels, bs) - ref) < 0.08, (majority_share(labels, bs), ref)
+    # excess of the batches' majority share over a uniform shuffle of the same labels: about +0.4 for the stored
+    # (grade-sorted) order, 0 +- 0.026 per epoch for a uniform shuffle here. Ray's shuffle mixes grades a little
+    # *more* than uniformly (about -0.02 per epoch, once -0.08: each reduce task concatenates a random share of every
+    # block), which cannot hurt SGD or BatchNorm; clustering is what must not come back.
+    excess = [majority_share(labels, bs) - np.mean([majority_share(rng.permutation(labels), bs) for _ in range(200)])
+              for labels in epochs]
+    assert max(excess) < 0.08 and np.mean(excess) < 0.04, excess
+    assert np.mean(excess) > -0.12, excess  # and still about a uniform shuffle, not a strict grade round-robin
     assert not any(len(a) == len(b) and (a == b).all() for a, b in zip(epochs, epochs[1:]))
 
 

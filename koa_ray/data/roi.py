@@ -46,7 +46,8 @@ SIDES = ("L", "R", "U")
 BILATERAL_ASPECT = 1.4  # width / height from which touching legs (no dark gap between them) may still be two knees
 _LEG_MIN_FRAC = 0.08  # a leg is at least this x the image width (narrower bright bands: rulers, strips)
 _LEG_CONTRAST = 0.15  # legs vs gap: the column profile spans at least this x the image's 1st-99th percentile range
-_LEG_LEVEL = 0.5  # ... and reaches this fraction of the brightest column's height above the darkest
+_LEG_LEVEL = 0.25  # ... and reaches this fraction of the brightest column's height above the darkest (a leg exposed
+#                    at 40 % of the other's level is still a leg: 0.5 read such pairs as one knee)
 _GAP_SURE = 0.45  # a gap this dark separates two legs whatever the joints found either side
 _GAP_DEPTH = 0.08  # a column-profile dip this deep (or a wide film) gets the two-knee hypothesis tested
 _BRIDGE_MAX = 0.6  # ... and the gap column above/below the joints darker than this x the bone level (not one knee)

@@ -102,10 +102,11 @@ class GradCamActor:
     """Ray Data actor: batches of paths → overlays (and optional ``.npy`` maps) written to ``out_dir``."""
 
     def __init__(self, checkpoint: str, out_dir: str, method: str = "gradcam", target: str = "predicted",
-                 layer: str | None = None, save_npy: bool = False, use_gpu: bool = False):
+                 layer: str | None = None, save_npy: bool = False, use_gpu: bool = False, threads: int = 1):
         from koa_ray.inference import Predictor
+        from koa_ray.runtime import set_actor_threads
 
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        set_actor_threads(threads)
         _cam_class(method)
         self.p = Predictor(checkpoint, device="cuda" if use_gpu else "cpu")
         self.out, self.method, self.layer, self.save_npy = Path(out_dir), method, layer, save_npy
@@ -220,7 +221,7 @@ def run_gradcam(inputs: list[str], checkpoint: str, out: str | Path, *, method: 
     import ray
 
     from koa_ray.data.ingest import expand_inputs, input_frame
-    from koa_ray.runtime import cluster_gpus, frame_blocks, init_ray
+    from koa_ray.runtime import actor_threads, cluster_gpus, frame_blocks, init_ray
     from koa_ray.train.checkpoint import resolve_checkpoint
 
     _cam_class(method)
@@ -234,7 +235,7 @@ def run_gradcam(inputs: list[str], checkpoint: str, out: str | Path, *, method: 
     ds = ray.data.from_pandas(frame_blocks(input_frame(files, inputs), batch_size)).map_batches(
         GradCamActor, fn_constructor_kwargs={"checkpoint": ckpt, "out_dir": str(out.resolve()), "method": method,
                                              "target": target, "layer": layer, "save_npy": save_npy,
-                                             "use_gpu": gpu},
+                                             "use_gpu": gpu, "threads": actor_threads(concurrency)},
         batch_size=batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_gpus=1 if gpu else 0,
         num_cpus=0.5 if not gpu else 1)

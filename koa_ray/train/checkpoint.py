@@ -30,7 +30,14 @@ BEST_POINTER = "best.json"
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
+    """The bare model inside ``torch.compile`` (``_orig_mod``) and DDP / DataParallel (``module``) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        else:
+            return model
 
 
 def load_tensors(path: str | Path):

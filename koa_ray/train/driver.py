@@ -43,8 +43,10 @@ class RayTrainSession:
 
         shard = ray.train.get_dataset_shard("train")
         # the stream is globally shuffled every epoch (build_datasets); no local buffer needed on top
-        for batch in shard.iter_torch_batches(batch_size=self.cfg.batch_size, dtypes={"image": torch.float32,
-                                              "label": torch.int64}):
+        # two batches in flight; on a GPU, page-locked host memory so the copy to the device is asynchronous
+        for batch in shard.iter_torch_batches(batch_size=self.cfg.batch_size, prefetch_batches=2,
+                                              pin_memory=self.device.type == "cuda",
+                                              dtypes={"image": torch.float32, "label": torch.int64}):
             yield batch["image"], batch["label"]
 
     def val_batches(self):

@@ -1,0 +1,481 @@
+"""Every performance comparison of the project side by side, in one run, on the same data: a table of ratios
+against their targets, and JSON.
+
+    .venv/bin/python benchmarks/compare.py [--data ../shared/data/knee-kl224] [--only prepare train score kernels]
+
+Sections (each measured in a fresh process, so no Ray instance, thread setting or cache leaks between them):
+
+- **prepare**: ``koa prepare`` (decode + knee ROI + resize + Parquet write) with Ray on 2 CPUs and on 1 CPU, against
+  the plain single-process loop over the same files (``prepare(local=True)``: a ``for`` loop calling the same
+  per-file function, one Parquet write per split). Ray start-up is not counted (Ray is started before the clock).
+- **train**: steady-state training img/s (second epoch) of the Ray Train path with one worker against a plain
+  PyTorch loop: same model (DenseNet121+SE), prepared data, augmentation, batch size, precision (bf16 autocast,
+  channels_last on CPU) and threads; the plain loop augments in its own thread, as a loop without a data loader
+  does. Also the Ray worker's share of step time spent waiting for data, and what validation costs per epoch on a
+  val split sized like the real one (1/7 of train).
+- **score**: ``koa score`` end to end on image files (listing, decode, crop, forward, CSV; Ray already started)
+  against the bare forward pass of the same model on ready tensors, same machine and threads; and peak RSS of the
+  driver and of the Ray workers scoring 2,000 and then 10,000 inputs (must stay flat).
+- **kernels**: model-only training img/s, fp32 vs bf16 autocast, contiguous vs channels_last, no attention vs SE vs
+  CBAM (``bench_kernels.py``), to show what the recipe keeps.
+
+Writes ``bench_out/compare.json``; ``benchmarks/RESULTS.md`` records the figures with date and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "knee-kl224"
+SECTIONS = ("prepare", "train", "score", "kernels")
+TARGETS = {  # name: (minimum or maximum, bound)
+    "prepare: Ray 2 CPUs / plain loop": (">=", 1.7),
+    "prepare: Ray 1 CPU / plain loop": (">=", 0.9),
+    "train: Ray Train 1 worker / plain loop": (">=", 0.95),
+    "train: Ray worker data wait (share of step time)": ("<=", 0.05),
+    "train: validation (share of a real-size epoch)": ("<=", 0.10),
+    "score: koa score / bare forward": (">=", 0.85),
+    "score: driver peak RSS 10k / 2k inputs": ("<=", 1.10),
+    "score: workers peak RSS 10k / 2k inputs": ("<=", 1.10),
+}
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def image_files(root: Path) -> list[tuple[str, int, Path]]:
+    """``(split, grade, path)`` of a ``{split}/{grade}/*`` image tree, sorted."""
+    exts = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".dcm"}
+    return [(p.parent.parent.name, int(p.parent.name), p) for p in sorted(root.glob("*/*/*"))
+            if p.suffix.lower() in exts and p.parent.name.isdigit()]
+
+
+def link_tree(files: list[tuple[str, int, Path]], out: Path, copies: int = 1) -> Path:
+    """A ``{split}/{grade}/`` tree of symlinks to ``files`` (``copies`` links each, under new names)."""
+    for split, grade, p in files:
+        d = out / split / str(grade)
+        d.mkdir(parents=True, exist_ok=True)
+        for c in range(copies):
+            name = p.name if c == 0 else f"{p.stem}_c{c}{p.suffix}"
+            (d / name).symlink_to(p.resolve())
+    return out
+
+
+def stratified(files: list[tuple[str, int, Path]], split: str, n: int) -> list[tuple[str, int, Path]]:
+    """Every k-th file of ``split`` (files are sorted by grade, so the grade mix is kept)."""
+    pool = [f for f in files if f[0] == split]
+    step = max(1, len(pool) // max(1, n))
+    return pool[::step][:n]
+
+
+def child(section: str, args: dict, timeout: float = 1800) -> dict:
+    """Run ``section`` of this file in a fresh Python process; its last stdout line is its JSON result."""
+    r = subprocess.run([sys.executable, __file__, "--child", section, json.dumps(args)], capture_output=True,
+                       text=True, timeout=timeout)
+    if r.returncode:
+        raise RuntimeError(f"{section} failed (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _rss_bytes(pid: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakRss:
+    """Samples, every ``every`` s in a thread, the RSS of this process and the summed RSS of Ray's worker processes
+    (command line ``ray::*``, read from ``/proc``: Linux); keeps the peaks (bytes)."""
+
+    def __init__(self, every: float = 0.2):
+        self.every, self.driver, self.workers = every, 0, 0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.driver = max(self.driver, _rss_bytes("self"))
+            total = 0
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if f.read(5) == b"ray::":
+                            total += _rss_bytes(pid)
+                except OSError:  # the process ended between listing and reading
+                    continue
+            self.workers = max(self.workers, total)
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> "PeakRss":
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# ------------------------------------------------------------------------------------------------------ children
+def run_prepare(a: dict) -> dict:
+    from koa_ray.data.prep import PrepConfig, prepare
+
+    if a["mode"] != "local":
+        from koa_ray.runtime import init_ray
+
+        init_ray(num_cpus=int(a["mode"]))
+    t = time.perf_counter()
+    m = prepare(a["data"], a["out"], PrepConfig(image_size=a["size"]), local=a["mode"] == "local", force=True,
+                progress=False)
+    dt = time.perf_counter() - t
+    return {"n": m["n_inputs"], "errors": m["n_errors"], "seconds": dt, "img_per_s": m["n_inputs"] / dt}
+
+
+def train_config(a: dict, name: str):
+    from koa_ray.config import AugmentConfig, BalanceConfig, LossConfig, ModelConfig, TrainConfig
+
+    return TrainConfig(data=a["prep"], out=a["runs"], name=name, image_size=a["size"], epochs=2, batch_size=32,
+                       workers=1, cpus_per_worker=1, torch_threads=a["threads"], patience=0, amp="bf16",
+                       channels_last=True, mlflow=False, tensorboard=False,
+                       model=ModelConfig(arch="densenet121", attention="se", drop_rate=0.2),
+                       loss=LossConfig(name="ce", alpha="none"), balance=BalanceConfig(target="none"),
+                       augment=AugmentConfig(hflip_p=0.0, clahe_p=0.0, noise_p=0.0, blur_p=0.0))
+
+
+def run_train_plain(a: dict) -> dict:
+    """The plain PyTorch loop: the same pieces as the worker loop, no Ray, no DataLoader."""
+    import numpy as np
+    import torch
+
+    from koa_ray.data.augment import TrainPreset, normalize
+    from koa_ray.data.decode import decode_image_column
+    from koa_ray.losses import build_loss
+    from koa_ray.models import build_model
+    from koa_ray.train.local import read_split
+    from koa_ray.train.loop import build_optimizer
+
+    cfg = train_config(a, "plain")
+    torch.set_num_threads(a["threads"])
+    torch.manual_seed(0)
+    df = read_split(cfg.data, "train", columns=("image", "size", "label"))
+    images = decode_image_column(df["image"].to_numpy(), df["size"].to_numpy())
+    labels = df["label"].to_numpy(np.int64)
+    preset = TrainPreset(cfg.augment, cfg.image_size).reseed(0)
+    m = cfg.model
+    model = build_model(arch=m.arch, attention=m.attention, in_chans=1, num_classes=5, drop_rate=m.drop_rate)
+    model = model.to(memory_format=torch.channels_last).train()
+    opt = build_optimizer(cfg, model)
+    loss_fn = build_loss("ce", gamma=0.0, alpha=None, label_smoothing=cfg.loss.label_smoothing, num_classes=5)
+    rng = np.random.default_rng(0)
+    per_epoch = []
+    for _ in range(cfg.epochs):
+        order = rng.permutation(len(labels))
+        t, n = time.perf_counter(), 0
+        for i in range(0, len(order), cfg.batch_size):
+            j = order[i:i + cfg.batch_size]
+            x = torch.from_numpy(normalize(preset.augment(images[j], labels[j])))
+            x = x.contiguous(memory_format=torch.channels_last)
+            y = torch.from_numpy(labels[j])
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            n += len(j)
+        per_epoch.append(n / (time.perf_counter() - t))
+    return {"img_per_s": per_epoch[-1], "epochs": per_epoch, "n_train": int(len(labels))}
+
+
+def run_train_ray(a: dict) -> dict:
+    import pandas as pd
+
+    from koa_ray.runtime import init_ray
+    from koa_ray.train.driver import fit
+
+    init_ray(num_cpus=2)
+    cfg = train_config(a, "ray1")
+    res = fit(cfg)
+    m = pd.read_csv(Path(res["run_dir"]) / "metrics.csv").iloc[-1]
+    return {"img_per_s": float(m["train_img_per_s"]), "data_wait_share": float(m["data_wait_share"]),
+            "val_time_s": float(m["val_time_s"]), "epoch_time_s": float(m["epoch_time_s"]),
+            "train_images": int(m["train_images"]), "checkpoint": str(Path(res["run_dir"]) / res["checkpoint"])}
+
+
+def run_score(a: dict) -> dict:
+    """``koa score`` end to end on ``a['input']`` vs the bare forward pass of the same checkpoint."""
+    import torch
+
+    from koa_ray.data.ingest import expand_inputs
+    from koa_ray.inference import Predictor
+    from koa_ray.runtime import init_ray
+    from koa_ray.score import score
+
+    n_files = len(expand_inputs([a["input"]]))
+    torch.set_num_threads(a["threads"])
+    pred = Predictor(a["checkpoint"], device="cpu")
+    pre = pred.meta["preprocess"]
+    x = torch.randn(a["batch"], pre["in_chans"], pre["input_size"], pre["input_size"])
+    with torch.no_grad():
+        for _ in range(2):
+            pred.model(x)
+        t, seen = time.perf_counter(), 0
+        while time.perf_counter() - t < a["bare_s"]:
+            pred.model(x)
+            seen += len(x)
+    bare = seen / (time.perf_counter() - t)
+    del pred
+    init_ray(num_cpus=2)
+    t = time.perf_counter()
+    s = score([a["input"]], a["checkpoint"], Path(a["tmp"]) / "scores.csv", batch_size=a["batch"])
+    e2e = n_files / (time.perf_counter() - t)
+    return {"bare_img_per_s": bare, "score_img_per_s": e2e, "n_files": n_files, "n_errors": s["n_errors"],
+            "n_rows": s["n_rows"]}
+
+
+def run_score_rss(a: dict) -> dict:
+    from koa_ray.runtime import init_ray
+    from koa_ray.score import score
+
+    init_ray(num_cpus=2)
+    t = time.perf_counter()
+    with PeakRss() as rss:
+        s = score([a["input"]], a["checkpoint"], Path(a["tmp"]) / f"rss-{a['n']}.csv", batch_size=a["batch"])
+    return {"n_files": a["n"], "n_rows": s["n_rows"], "seconds": time.perf_counter() - t,
+            "driver_peak_mb": rss.driver / 2**20, "workers_peak_mb": rss.workers / 2**20}
+
+
+def run_kernels(a: dict) -> dict:
+    out = Path(a["tmp"]) / "kernels.json"
+    subprocess.run([sys.executable, str(HERE / "bench_kernels.py"), "--steps", str(a["steps"]), "--out", str(out)],
+                   check=True, capture_output=True, text=True)
+    return json.loads(out.read_text())
+
+
+CHILDREN = {"prepare": run_prepare, "train-plain": run_train_plain, "train-ray": run_train_ray,
+            "score": run_score, "score-rss": run_score_rss, "kernels": run_kernels}
+
+
+# ------------------------------------------------------------------------------------------------------ sections
+def random_checkpoint(directory: Path, arch: str, attention: str, size: int, roi: bool) -> str:
+    """A randomly initialised checkpoint in the real format (for scoring speed and memory, weights do not matter)."""
+    from koa_ray.config import TrainConfig, to_dict
+    from koa_ray.data.augment import GRAY_MEAN, GRAY_STD
+    from koa_ray.data.prep import PrepConfig
+    from koa_ray.data.roi import RoiConfig
+    from koa_ray.models import build_model
+    from koa_ray.train.checkpoint import save_checkpoint
+
+    model = build_model(arch=arch, attention=attention, in_chans=1, num_classes=5)
+    prep = PrepConfig(image_size=size, roi=RoiConfig(enabled=roi)).to_dict()
+    meta = {"model": dict(model.build_config),
+            "preprocess": {"prep": prep, "input_size": size, "mean": GRAY_MEAN, "std": GRAY_STD, "in_chans": 1},
+            "train_config": to_dict(TrainConfig(image_size=size)), "epoch": 0, "metrics": {}, "history": []}
+    return str(save_checkpoint(directory, model, meta))
+
+
+def median(values: list[float]) -> float:
+    v = sorted(values)
+    return v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
+
+
+def two_plain_processes(ctx: dict) -> float:
+    """The machine's own 2-core scaling: two plain loops at once, each on half the files; aggregate img/s."""
+    files = image_files(Path(ctx["prepare_data"]))
+    halves = [link_tree(files[i::2], ctx["tmp"] / f"half-{i}") for i in (0, 1)]
+    t = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, __file__, "--child", "prepare",
+                               json.dumps({"mode": "local", "data": str(h), "size": 224,
+                                           "out": str(ctx["tmp"] / f"prep-half-{i}")})],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, h in enumerate(halves)]
+    for p in procs:
+        out, err = p.communicate()
+        if p.returncode:
+            raise RuntimeError(f"two plain processes failed:\n{err[-3000:]}")
+    shutil.rmtree(ctx["tmp"] / "half-0"), shutil.rmtree(ctx["tmp"] / "half-1")
+    return len(files) / (time.perf_counter() - t)
+
+
+def section_prepare(ctx: dict) -> list[dict]:
+    res: dict[str, list[float]] = {"local": [], "1": [], "2": [], "2x local": []}
+    n = 0
+    for rep in range(ctx["repeats"]):  # interleaved, so a slow phase of a shared machine hits every mode
+        for mode in ("local", "1", "2"):
+            r = child("prepare", {"mode": mode, "data": ctx["prepare_data"], "size": 224,
+                                  "out": str(ctx["tmp"] / f"prep-{mode}")})
+            n = r["n"]
+            res[mode].append(r["img_per_s"])
+            print(f"  prepare {mode:>5}: {r['img_per_s']:.1f} img/s ({r['n']} files)", flush=True)
+        res["2x local"].append(two_plain_processes(ctx))
+        print(f"  two plain loops at once (each half the files): {res['2x local'][-1]:.1f} img/s", flush=True)
+    m = {k: median(v) for k, v in res.items()}
+    base = m["local"]
+    note = (f"{n} files, 224 px, ROI on; plain loop {base:.1f} img/s; median of {ctx['repeats']} interleaved runs "
+            f"(local {res['local']}, 1 CPU {res['1']}, 2 CPUs {res['2']})")
+    return [{"name": "prepare: Ray 2 CPUs / plain loop", "value": m["2"], "baseline": base, "ratio": m["2"] / base,
+             "note": note},
+            {"name": "prepare: Ray 1 CPU / plain loop", "value": m["1"], "baseline": base, "ratio": m["1"] / base,
+             "note": note},
+            {"name": "prepare: 2 plain processes / plain loop (this machine's ceiling)", "value": m["2x local"],
+             "baseline": base, "ratio": m["2x local"] / base,
+             "note": "two independent plain loops on halves of the files: what 2 cores give here without Ray"}]
+
+
+def section_train(ctx: dict) -> list[dict]:
+    a = {"prep": str(ctx["prep128"]), "runs": str(ctx["tmp"] / "runs"), "size": 128, "threads": ctx["threads"]}
+    plains, rays = [], []
+    for rep in range(ctx["repeats"]):  # interleaved: plain, Ray, plain, Ray
+        plains.append(child("train-plain", a))
+        print(f"  train plain loop: {plains[-1]['img_per_s']:.1f} img/s", flush=True)
+        a["runs"] = str(ctx["tmp"] / f"runs-{rep}")
+        rays.append(child("train-ray", a))
+        print(f"  train Ray Train 1 worker: {rays[-1]['img_per_s']:.1f} img/s (data wait "
+              f"{rays[-1]['data_wait_share']:.1%})", flush=True)
+    plain = {"img_per_s": median([p["img_per_s"] for p in plains]), "n_train": plains[0]["n_train"]}
+    ray = {k: median([r[k] for r in rays]) for k in ("img_per_s", "data_wait_share", "val_time_s", "epoch_time_s")}
+    ray["checkpoint"] = rays[-1]["checkpoint"]
+    ctx["trained_checkpoint"] = ray["checkpoint"]
+    # validation's cost per epoch at the real split's proportions: val time scales with val images, train time with
+    # train images; the subset keeps train:val at the real set's ratio
+    val_share = ray["val_time_s"] / ray["epoch_time_s"]
+    note = (f"{plain['n_train']} train images at 128 px, batch 32, DenseNet121+SE, bf16, channels_last, "
+            f"{ctx['threads']} threads; median of {ctx['repeats']} interleaved runs (plain "
+            f"{[round(p['img_per_s'], 1) for p in plains]}, Ray {[round(r['img_per_s'], 1) for r in rays]})")
+    return [{"name": "train: Ray Train 1 worker / plain loop", "value": ray["img_per_s"],
+             "baseline": plain["img_per_s"], "ratio": ray["img_per_s"] / plain["img_per_s"], "note": note},
+            {"name": "train: Ray worker data wait (share of step time)", "value": ray["data_wait_share"],
+             "ratio": ray["data_wait_share"], "note": "time blocked on the next batch / training time"},
+            {"name": "train: validation (share of a real-size epoch)", "value": ray["val_time_s"],
+             "ratio": val_share, "note": f"val {ray['val_time_s']:.1f} s of a {ray['epoch_time_s']:.1f} s epoch, "
+                                         "val:train = 1:7 as in knee-kl224"}]
+
+
+def section_score(ctx: dict) -> list[dict]:
+    ckpt = ctx.get("trained_checkpoint") or random_checkpoint(ctx["tmp"] / "ckpt-se", "densenet121", "se", 128,
+                                                              roi=not ctx["real"])
+    a = {"checkpoint": ckpt, "input": str(ctx["score_input"]), "batch": 32, "threads": ctx["threads"],
+         "bare_s": 15, "tmp": str(ctx["tmp"])}
+    s = child("score", a)
+    print(f"  score: {s['score_img_per_s']:.1f} img/s end to end, bare forward {s['bare_img_per_s']:.1f}", flush=True)
+    rows = [{"name": "score: koa score / bare forward", "value": s["score_img_per_s"],
+             "baseline": s["bare_img_per_s"], "ratio": s["score_img_per_s"] / s["bare_img_per_s"],
+             "note": f"{s['n_files']} files, 128 px DenseNet121+SE, fp32, {ctx['threads']} threads"}]
+    tiny = random_checkpoint(ctx["tmp"] / "ckpt-tiny", "densenet_tiny", "cbam", 64, roi=not ctx["real"])
+    rss = {}
+    for n in (2000, 10000):
+        files = ctx["all_files"]
+        copies = -(-n // len(files))
+        pool = [(s_, g, p) for s_, g, p in files]
+        tree = link_tree(pool, ctx["tmp"] / f"rss-{n}", copies=copies)
+        # trim to exactly n links (deterministic: the last ones in sorted order)
+        links = sorted(tree.glob("*/*/*"))
+        for extra in links[n:]:
+            extra.unlink()
+        rss[n] = child("score-rss", {"checkpoint": tiny, "input": str(tree), "batch": 64, "n": n,
+                                     "tmp": str(ctx["tmp"])})
+        print(f"  score RSS at {n} inputs: driver {rss[n]['driver_peak_mb']:.0f} MB, workers "
+              f"{rss[n]['workers_peak_mb']:.0f} MB ({rss[n]['seconds']:.0f} s)", flush=True)
+    for who in ("driver", "workers"):
+        lo, hi = rss[2000][f"{who}_peak_mb"], rss[10000][f"{who}_peak_mb"]
+        rows.append({"name": f"score: {who} peak RSS 10k / 2k inputs", "value": hi, "baseline": lo,
+                     "ratio": hi / lo, "note": f"{lo:.0f} MB -> {hi:.0f} MB (densenet_tiny, 64 px: the pipeline's "
+                                               "memory, not the model's)"})
+    return rows
+
+
+def section_kernels(ctx: dict) -> list[dict]:
+    k = child("kernels", {"tmp": str(ctx["tmp"]), "steps": 3})
+    rows = []
+    for r in k["rows"]:
+        rows.append({"name": f"kernels: {r['attention']} {r['precision']}"
+                             f"{' channels_last' if r['channels_last'] else ''}",
+                     "value": r["train_img_per_s"], "ratio": r["ratio"],
+                     "note": "training img/s, ratio to fp32 contiguous without attention"})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ main
+def verdict(row: dict) -> str:
+    if row["name"] not in TARGETS:
+        return ""
+    op, bound = TARGETS[row["name"]]
+    ok = row["ratio"] >= bound if op == ">=" else row["ratio"] <= bound
+    return "ok" if ok else "MISS"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="a {split}/{grade}/ image tree (default: knee-kl224; "
+                    "a synthetic set when absent)")
+    ap.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    ap.add_argument("--train-n", type=int, default=448, help="training images of the train comparison")
+    ap.add_argument("--prepare-n", type=int, default=0, help="files for the prepare comparison (0 = all)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per mode (medians are reported)")
+    ap.add_argument("--out", default="bench_out/compare.json")
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        section, args = a.child
+        print(json.dumps(CHILDREN[section](json.loads(args))), flush=True)
+        return
+
+    from koa_ray.data.prep import PrepConfig, prepare
+    from koa_ray.data.roi import RoiConfig
+
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-compare-"))
+    data = Path(a.data)
+    real = data.is_dir() and bool(image_files(data))
+    if not real:
+        from koa_ray.data.synthetic import make_dataset
+
+        data = tmp / "synth"
+        make_dataset(data, 600, size=224, seed=0)
+    files = image_files(data)
+    print(f"data: {data} ({len(files)} files{'' if real else ', synthetic'}); scratch {tmp}", flush=True)
+    ctx = {"tmp": tmp, "real": real, "threads": a.threads, "all_files": files, "repeats": a.repeats}
+    ctx["prepare_data"] = str(data if not a.prepare_n else link_tree(
+        [f for s in ("train", "val", "test") for f in stratified(files, s, a.prepare_n // 2)][:a.prepare_n],
+        tmp / "prepare-subset"))
+    n_val = max(8, a.train_n // 7)
+    subset = link_tree(stratified(files, "train", a.train_n) + stratified(files, "val", n_val), tmp / "train-subset")
+    # the training comparison reads prepared crops at 128 px (real crops: no ROI, as configs/kl224-cpu.yaml)
+    ctx["prep128"] = tmp / "prep128"
+    prepare(subset, ctx["prep128"], PrepConfig(image_size=128, roi=RoiConfig(enabled=not real)), local=True,
+            progress=False)
+    ctx["score_input"] = data / "val" if (data / "val").is_dir() else data
+
+    rows: list[dict] = []
+    for name in a.only:
+        print(f"[{name}]", flush=True)
+        rows += globals()[f"section_{name}"](ctx)
+    for r in rows:
+        r["target"] = " ".join(map(str, TARGETS[r["name"]])) if r["name"] in TARGETS else ""
+        r["verdict"] = verdict(r)
+
+    print(f"\n{'comparison':<52}{'value':>10}{'baseline':>10}{'ratio':>8}{'target':>9}  verdict")
+    for r in rows:
+        base = f"{r['baseline']:.1f}" if "baseline" in r else ""
+        print(f"{r['name']:<52}{r['value']:>10.2f}{base:>10}{r['ratio']:>8.3f}{r['target']:>9}  {r['verdict']}")
+    out = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.processor() or platform.machine()}, "
+           f"{os.cpu_count()} CPUs", "threads": a.threads, "data": str(data), "real_data": real,
+           "wall_s": round(time.perf_counter() - t0, 1), "rows": rows}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=2, default=str))
+    print(f"wrote {a.out} ({out['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
