@@ -93,10 +93,16 @@ def actor_threads(concurrency: int, threads: int | None = None) -> int:
 
 
 def set_actor_threads(threads: int) -> None:
-    """In an inference actor: ``threads`` torch threads, never more than this node has."""
+    """In an inference actor: ``threads`` torch threads, never more than this node has.
+
+    Called at the top of every batch, not only in ``__init__``: the OpenMP thread count is a per-thread setting,
+    and Ray Data may run an actor's batches on another thread than its constructor, which would start from
+    ``OMP_NUM_THREADS`` again. A no-op when the count is already right."""
     import torch
 
-    torch.set_num_threads(max(1, min(int(threads), os.cpu_count() or 1)))
+    n = max(1, min(int(threads), os.cpu_count() or 1))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 def frame_blocks(df, max_rows: int = 64, max_blocks: int = 200) -> list:
