@@ -327,7 +327,7 @@ def section_prepare(ctx: dict) -> list[dict]:
              "note": note},
             {"name": "prepare: Ray 1 CPU / plain loop", "value": m["1"], "baseline": base, "ratio": m["1"] / base,
              "note": note},
-            {"name": "prepare: 2 plain processes / plain loop (this machine's ceiling)", "value": m["2x local"],
+            {"name": "prepare: 2 plain processes at once / plain loop", "value": m["2x local"],
              "baseline": base, "ratio": m["2x local"] / base,
              "note": "two independent plain loops on halves of the files: what 2 cores give here without Ray"}]
 

@@ -234,9 +234,9 @@ def process_and_write(batch: pd.DataFrame, cfg: PrepConfig, staging: str) -> pd.
 
 
 def rows_per_block(n: int, cpus: float, lo: int = 16, hi: int = 256) -> int:
-    """Input rows per Ray Data block: about four blocks per CPU (load balance) within ``[lo, hi]`` (per-task
+    """Input rows per Ray Data block: about sixteen blocks per CPU (load balance: the last wave of tasks is short) within ``[lo, hi]`` (per-task
     overhead below, memory and file size above)."""
-    return int(min(max(hi, lo), max(lo, -(-n // max(1, int(round(cpus * 4)))))))
+    return int(min(max(hi, lo), max(lo, -(-n // max(1, int(round(cpus * 16)))))))
 
 
 def _prepare_ray(inputs: pd.DataFrame, staging: Path, cfg: PrepConfig, address, num_cpus, batch_size,
