@@ -15,22 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-
-def random_checkpoint(directory: Path, size: int) -> Path:
-    from koa_ray.config import TrainConfig, to_dict
-    from koa_ray.data.augment import GRAY_MEAN, GRAY_STD
-    from koa_ray.data.prep import PrepConfig
-    from koa_ray.models import build_model
-    from koa_ray.train.checkpoint import save_checkpoint
-
-    model = build_model(arch="densenet121", attention="cbam", in_chans=1, num_classes=5)
-    meta = {"model": dict(model.build_config),
-            "preprocess": {"prep": PrepConfig(image_size=size).to_dict(), "input_size": size, "mean": GRAY_MEAN,
-                           "std": GRAY_STD, "in_chans": 1},
-            "train_config": to_dict(TrainConfig(image_size=size)), "epoch": 0, "metrics": {}, "history": []}
-    return save_checkpoint(directory, model, meta)
+from compare import bare_forward, random_checkpoint  # benchmarks/ is on sys.path when run as a script
 
 
 def main() -> None:
@@ -49,7 +34,7 @@ def main() -> None:
     from koa_ray.score import score
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-score-"))
-    ckpt = a.checkpoint or str(random_checkpoint(tmp / "ckpt", a.size))
+    ckpt = a.checkpoint or random_checkpoint(tmp / "ckpt", "densenet121", "cbam", a.size, roi=True)
     data = a.input
     if not data:
         from koa_ray.data.synthetic import make_dataset
@@ -58,18 +43,8 @@ def main() -> None:
         make_dataset(data, a.n, size=224, seed=0)
     n_files = len(expand_inputs([data]))
 
-    pred = Predictor(ckpt, device="cpu")
-    size = pred.meta["preprocess"]["input_size"]
-    x = torch.randn(a.batch_size, pred.meta["preprocess"]["in_chans"], size, size)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    with torch.no_grad():
-        pred.model(x)
-        t, seen = time.perf_counter(), 0
-        while time.perf_counter() - t < 20:
-            pred.model(x)
-            seen += len(x)
-    bare = seen / (time.perf_counter() - t)
-    del pred
+    size = Predictor(ckpt, device="cpu").meta["preprocess"]["input_size"]
+    bare = bare_forward(ckpt, a.batch_size, 20)
 
     init_ray(num_cpus=2)
     t = time.perf_counter()

@@ -212,29 +212,36 @@ def run_train_ray(a: dict) -> dict:
             "train_images": int(m["train_images"]), "checkpoint": str(Path(res["run_dir"]) / res["checkpoint"])}
 
 
+def bare_forward(checkpoint: str, batch: int, seconds: float) -> float:
+    """img/s of the checkpoint's model alone on a ready tensor batch (warm, ``no_grad``, this process's threads)."""
+    import torch
+
+    from koa_ray.inference import Predictor
+
+    pred = Predictor(checkpoint, device="cpu")
+    pre = pred.meta["preprocess"]
+    x = torch.randn(batch, pre["in_chans"], pre["input_size"], pre["input_size"])
+    with torch.no_grad():
+        for _ in range(2):
+            pred.model(x)
+        t, seen = time.perf_counter(), 0
+        while time.perf_counter() - t < seconds:
+            pred.model(x)
+            seen += len(x)
+    return seen / (time.perf_counter() - t)
+
+
 def run_score(a: dict) -> dict:
     """``koa score`` end to end on ``a['input']`` vs the bare forward pass of the same checkpoint."""
     import torch
 
     from koa_ray.data.ingest import expand_inputs
-    from koa_ray.inference import Predictor
     from koa_ray.runtime import init_ray
     from koa_ray.score import score
 
     n_files = len(expand_inputs([a["input"]]))
     torch.set_num_threads(a["threads"])
-    pred = Predictor(a["checkpoint"], device="cpu")
-    pre = pred.meta["preprocess"]
-    x = torch.randn(a["batch"], pre["in_chans"], pre["input_size"], pre["input_size"])
-    with torch.no_grad():
-        for _ in range(2):
-            pred.model(x)
-        t, seen = time.perf_counter(), 0
-        while time.perf_counter() - t < a["bare_s"]:
-            pred.model(x)
-            seen += len(x)
-    bare = seen / (time.perf_counter() - t)
-    del pred
+    bare = bare_forward(a["checkpoint"], a["batch"], a["bare_s"])
     init_ray(num_cpus=2)
     t = time.perf_counter()
     s = score([a["input"]], a["checkpoint"], Path(a["tmp"]) / "scores.csv", batch_size=a["batch"])
