@@ -382,12 +382,8 @@ def section_score(ctx: dict) -> list[dict]:
     rss = {}
     for n in (2000, 10000):
         files = ctx["all_files"]
-        copies = -(-n // len(files))
-        pool = [(s_, g, p) for s_, g, p in files]
-        tree = link_tree(pool, ctx["tmp"] / f"rss-{n}", copies=copies)
-        # trim to exactly n links (deterministic: the last ones in sorted order)
-        links = sorted(tree.glob("*/*/*"))
-        for extra in links[n:]:
+        tree = link_tree(files, ctx["tmp"] / f"rss-{n}", copies=-(-n // len(files)))
+        for extra in sorted(tree.glob("*/*/*"))[n:]:  # exactly n inputs (deterministic: the last in sorted order)
             extra.unlink()
         rss[n] = child("score-rss", {"checkpoint": tiny, "input": str(tree), "batch": 64, "n": n,
                                      "tmp": str(ctx["tmp"])})

@@ -32,12 +32,9 @@ class EvalActor:
 
         set_actor_threads(threads)
         self.p = Predictor(checkpoint, device="cuda" if use_gpu else "cpu")
-        self.tta, self.threads = tta, threads
+        self.tta = tta
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from koa_ray.runtime import set_actor_threads
-
-        set_actor_threads(self.threads)  # this batch may run on another thread than __init__
         if "image" in batch:
             from koa_ray.data.decode import decode_image_column
 

@@ -83,8 +83,8 @@ def actor_threads(concurrency: int, threads: int | None = None) -> int:
     """Torch intra-op threads for each of ``concurrency`` CPU inference actors (score, evaluate, gradcam): ``threads``
     when given, else the cluster's CPUs shared between the actors (at least 1). The actors still reserve only half a
     CPU each in Ray's accounting, so the read and decode tasks of the same job always find a CPU; Ray's own
-    ``OMP_NUM_THREADS`` (the reservation, rounded: 1) would leave a 2-core node's second core idle during the
-    forward pass, scoring at about half the bare forward speed."""
+    ``OMP_NUM_THREADS`` (the reservation, rounded: 1) would leave the node's other cores idle during the forward
+    pass."""
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads={threads}: must be >= 1")
@@ -93,16 +93,12 @@ def actor_threads(concurrency: int, threads: int | None = None) -> int:
 
 
 def set_actor_threads(threads: int) -> None:
-    """In an inference actor: ``threads`` torch threads, never more than this node has.
-
-    Called at the top of every batch, not only in ``__init__``: the OpenMP thread count is a per-thread setting,
-    and Ray Data may run an actor's batches on another thread than its constructor, which would start from
-    ``OMP_NUM_THREADS`` again. A no-op when the count is already right."""
+    """In an inference actor's constructor: ``threads`` torch threads, never more than this node has. The setting is
+    process-wide (torch applies it lazily to every thread that computes), so it also holds for the thread Ray Data
+    runs the actor's batches on (checked: a Ray Data actor reports the constructor's count in ``__call__``)."""
     import torch
 
-    n = max(1, min(int(threads), os.cpu_count() or 1))
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
+    torch.set_num_threads(max(1, min(int(threads), os.cpu_count() or 1)))
 
 
 def frame_blocks(df, max_rows: int = 64, max_blocks: int = 200) -> list:

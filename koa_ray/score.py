@@ -61,12 +61,9 @@ class ScoreActor:
 
         set_actor_threads(threads)
         self.predictor = Predictor(checkpoint, device="cuda" if use_gpu else "cpu")
-        self.tta, self.threads = tta, threads
+        self.tta = tta
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from koa_ray.runtime import set_actor_threads
-
-        set_actor_threads(self.threads)  # this batch may run on another thread than __init__
         return score_rows(self.predictor, batch["path"].tolist(), self.tta, batch.get("side"))
 
 

@@ -234,8 +234,8 @@ def process_and_write(batch: pd.DataFrame, cfg: PrepConfig, staging: str) -> pd.
 
 
 def rows_per_block(n: int, cpus: float, lo: int = 16, hi: int = 256) -> int:
-    """Input rows per Ray Data block: about sixteen blocks per CPU (load balance: the last wave of tasks is short) within ``[lo, hi]`` (per-task
-    overhead below, memory and file size above)."""
+    """Input rows per Ray Data block: about sixteen blocks per CPU (load balance: the last wave of tasks is short)
+    within ``[lo, hi]`` (per-task overhead below, memory and file size above)."""
     return int(min(max(hi, lo), max(lo, -(-n // max(1, int(round(cpus * 16)))))))
 
 

@@ -111,15 +111,11 @@ class GradCamActor:
         self.p = Predictor(checkpoint, device="cuda" if use_gpu else "cpu")
         self.out, self.method, self.layer, self.save_npy = Path(out_dir), method, layer, save_npy
         self.target = parse_target(target)
-        self.threads = threads
         target_layer(self.p.model, layer)  # fail fast on a bad layer name
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from koa_ray.data.decode import DecodeError
         from koa_ray.data.roi import KneeBox, draw_boxes
-        from koa_ray.runtime import set_actor_threads
-
-        set_actor_threads(self.threads)  # this batch may run on another thread than __init__
 
         rows, knees = [], []
         films: dict[str, str] = {}  # path -> picture of the whole image with its knee boxes
