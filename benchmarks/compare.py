@@ -11,11 +11,14 @@ Sections (each measured in a fresh process, so no Ray instance, thread setting o
 - **train**: steady-state training img/s (second epoch) of the Ray Train path with one worker against a plain
   PyTorch loop: same model (DenseNet121+SE), prepared data, augmentation, batch size, precision (bf16 autocast,
   channels_last on CPU) and threads; the plain loop augments in its own thread, as a loop without a data loader
-  does. Also the Ray worker's share of step time spent waiting for data, and what validation costs per epoch on a
-  val split sized like the real one (1/7 of train).
+  does. Also the Ray worker's share of step time spent waiting for data, what validation costs per epoch on a
+  val split sized like the real one (1/7 of train), and the plain loop again with an idle Ray instance up (what
+  Ray costs at rest, as against at work).
 - **score**: ``koa score`` end to end on image files (listing, decode, crop, forward, CSV; Ray already started)
-  against the bare forward pass of the same model on ready tensors, same machine and threads; and peak RSS of the
-  driver and of the Ray workers scoring 2,000 and then 10,000 inputs (must stay flat).
+  against the bare forward pass of the same model on ready tensors, same machine and threads; where the difference
+  goes (the bare forward with Ray idle, the bare forward inside a Ray Data actor, and the job's steady state and
+  fixed start-up from scoring the inputs once and three times); and peak RSS of the driver and of the Ray workers
+  scoring 2,000 and then 10,000 inputs (must stay flat).
 - **kernels**: model-only training img/s, fp32 vs bf16 autocast, contiguous vs channels_last, no attention vs SE vs
   CBAM (``bench_kernels.py``), to show what the recipe keeps.
 
@@ -164,6 +167,11 @@ def run_train_plain(a: dict) -> dict:
     from koa_ray.train.local import read_split
     from koa_ray.train.loop import build_optimizer
 
+    if a.get("ray_up"):  # the same loop while a local Ray instance (daemons, dashboard, driver threads) idles
+        from koa_ray.runtime import init_ray
+
+        init_ray(num_cpus=2)
+        time.sleep(3)
     cfg = train_config(a, "plain")
     torch.set_num_threads(a["threads"])
     torch.manual_seed(0)
@@ -212,6 +220,28 @@ def run_train_ray(a: dict) -> dict:
             "train_images": int(m["train_images"]), "checkpoint": str(Path(res["run_dir"]) / res["checkpoint"])}
 
 
+def run_train_ray_memory(a: dict) -> dict:
+    """The plain loop (data in memory, no Ray Data stream) run inside a Ray Train worker placed as the recipe's:
+    what being a Train worker costs, apart from the stream."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from koa_ray.runtime import init_ray
+
+    init_ray(num_cpus=2)
+
+    out = Path(a["runs"]) / "memory.json"  # one node: the worker writes its figures where the driver reads them
+
+    def loop(config):
+        out.write_text(json.dumps(run_train_plain(config)))
+
+    Path(a["runs"]).mkdir(parents=True, exist_ok=True)
+    TorchTrainer(loop, train_loop_config=a,
+                 scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                 run_config=RunConfig(name="memory", storage_path=a["runs"])).fit()
+    return {"img_per_s": float(json.loads(out.read_text())["img_per_s"])}
+
+
 def bare_forward(checkpoint: str, batch: int, seconds: float) -> float:
     """img/s of the checkpoint's model alone on a ready tensor batch (warm, ``no_grad``, this process's threads)."""
     import torch
@@ -243,11 +273,48 @@ def run_score(a: dict) -> dict:
     torch.set_num_threads(a["threads"])
     bare = bare_forward(a["checkpoint"], a["batch"], a["bare_s"])
     init_ray(num_cpus=2)
+    time.sleep(3)
+    bare_ray_up = bare_forward(a["checkpoint"], a["batch"], a["bare_s"])
+    in_actor = actor_forward(a["checkpoint"], a["batch"], a["bare_s"], a["threads"])
     t = time.perf_counter()
     s = score([a["input"]], a["checkpoint"], Path(a["tmp"]) / "scores.csv", batch_size=a["batch"])
-    e2e = n_files / (time.perf_counter() - t)
-    return {"bare_img_per_s": bare, "score_img_per_s": e2e, "n_files": n_files, "n_errors": s["n_errors"],
-            "n_rows": s["n_rows"]}
+    dt = time.perf_counter() - t
+    # the same job on three copies of the inputs: the extra time is the steady state, without the fixed start-up
+    n_many = len(expand_inputs([a["input_x3"]]))
+    t = time.perf_counter()
+    score([a["input_x3"]], a["checkpoint"], Path(a["tmp"]) / "scores-x3.csv", batch_size=a["batch"])
+    dt_many = time.perf_counter() - t
+    return {"bare_img_per_s": bare, "bare_ray_up_img_per_s": bare_ray_up, "actor_img_per_s": in_actor,
+            "score_img_per_s": n_files / dt, "marginal_img_per_s": (n_many - n_files) / max(dt_many - dt, 1e-9),
+            "startup_s": dt - n_files * max(dt_many - dt, 1e-9) / (n_many - n_files), "n_files": n_files,
+            "n_errors": s["n_errors"], "n_rows": s["n_rows"]}
+
+
+class _ForwardActor:
+    """:func:`bare_forward` inside a Ray Data actor, placed as ``koa score`` places its model actor."""
+
+    def __init__(self, checkpoint: str, batch: int, seconds: float, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.args = (checkpoint, batch, seconds)
+
+    def __call__(self, batch):
+        import pandas as pd
+
+        return pd.DataFrame({"img_per_s": [bare_forward(*self.args)]})
+
+
+def actor_forward(checkpoint: str, batch: int, seconds: float, threads: int) -> float:
+    """img/s of the bare forward pass run by a Ray Data actor (0.5 CPU reserved, ``threads`` torch threads)."""
+    import pandas as pd
+    import ray
+
+    ds = ray.data.from_pandas(pd.DataFrame({"x": [0]})).map_batches(
+        _ForwardActor, fn_constructor_kwargs={"checkpoint": checkpoint, "batch": batch, "seconds": seconds,
+                                              "threads": threads},
+        batch_size=1, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
+    return float(ds.to_pandas()["img_per_s"].iloc[0])
 
 
 def run_score_rss(a: dict) -> dict:
@@ -270,6 +337,7 @@ def run_kernels(a: dict) -> dict:
 
 
 CHILDREN = {"prepare": run_prepare, "train-plain": run_train_plain, "train-ray": run_train_ray,
+            "train-ray-memory": run_train_ray_memory,
             "score": run_score, "score-rss": run_score_rss, "kernels": run_kernels}
 
 
@@ -341,10 +409,14 @@ def section_prepare(ctx: dict) -> list[dict]:
 
 def section_train(ctx: dict) -> list[dict]:
     a = {"prep": str(ctx["prep128"]), "runs": str(ctx["tmp"] / "runs"), "size": 128, "threads": ctx["threads"]}
-    plains, rays = [], []
-    for rep in range(ctx["repeats"]):  # interleaved: plain, Ray, plain, Ray
+    plains, rays, idles, mems = [], [], [], []
+    for rep in range(ctx["repeats"]):  # interleaved: plain, plain with Ray idle, in a Train worker, Ray, plain, ...
         plains.append(child("train-plain", a))
         print(f"  train plain loop: {plains[-1]['img_per_s']:.1f} img/s", flush=True)
+        idles.append(child("train-plain", {**a, "ray_up": True}))
+        print(f"  train plain loop, Ray up and idle: {idles[-1]['img_per_s']:.1f} img/s", flush=True)
+        mems.append(child("train-ray-memory", {**a, "runs": str(ctx["tmp"] / f"runs-memory-{rep}")}))
+        print(f"  train plain loop inside a Ray Train worker: {mems[-1]['img_per_s']:.1f} img/s", flush=True)
         a["runs"] = str(ctx["tmp"] / f"runs-{rep}")
         rays.append(child("train-ray", a))
         print(f"  train Ray Train 1 worker: {rays[-1]['img_per_s']:.1f} img/s (data wait "
@@ -361,6 +433,14 @@ def section_train(ctx: dict) -> list[dict]:
             f"{[round(p['img_per_s'], 1) for p in plains]}, Ray {[round(r['img_per_s'], 1) for r in rays]})")
     return [{"name": "train: Ray Train 1 worker / plain loop", "value": ray["img_per_s"],
              "baseline": plain["img_per_s"], "ratio": ray["img_per_s"] / plain["img_per_s"], "note": note},
+            {"name": "train: plain loop, Ray idle / no Ray", "value": median([p["img_per_s"] for p in idles]),
+             "baseline": plain["img_per_s"], "ratio": median([p["img_per_s"] for p in idles]) / plain["img_per_s"],
+             "note": "the plain loop in a process that has started a local Ray instance (daemons, dashboard) "
+                     f"that does nothing else: {[round(p['img_per_s'], 1) for p in idles]}"},
+            {"name": "train: plain loop in a Ray Train worker / no Ray", "value": median([m["img_per_s"] for m in mems]),
+             "baseline": plain["img_per_s"], "ratio": median([m["img_per_s"] for m in mems]) / plain["img_per_s"],
+             "note": "the plain loop (data in memory, no Ray Data stream) as a Ray Train worker with 1 CPU reserved: "
+                     f"{[round(m['img_per_s'], 1) for m in mems]}"},
             {"name": "train: Ray worker data wait (share of step time)", "value": ray["data_wait_share"],
              "ratio": ray["data_wait_share"], "note": "time blocked on the next batch / training time"},
             {"name": "train: validation (share of a real-size epoch)", "value": ray["val_time_s"],
@@ -371,13 +451,28 @@ def section_train(ctx: dict) -> list[dict]:
 def section_score(ctx: dict) -> list[dict]:
     ckpt = ctx.get("trained_checkpoint") or random_checkpoint(ctx["tmp"] / "ckpt-se", "densenet121", "se", 128,
                                                               roi=not ctx["real"])
-    a = {"checkpoint": ckpt, "input": str(ctx["score_input"]), "batch": 32, "threads": ctx["threads"],
-         "bare_s": 15, "tmp": str(ctx["tmp"])}
+    x3 = link_tree([f for f in ctx["all_files"] if Path(ctx["score_input"]) in f[2].parents],
+                   ctx["tmp"] / "score-x3", copies=3)
+    a = {"checkpoint": ckpt, "input": str(ctx["score_input"]), "input_x3": str(x3), "batch": 32,
+         "threads": ctx["threads"], "bare_s": 15, "tmp": str(ctx["tmp"])}
     s = child("score", a)
-    print(f"  score: {s['score_img_per_s']:.1f} img/s end to end, bare forward {s['bare_img_per_s']:.1f}", flush=True)
-    rows = [{"name": "score: koa score / bare forward", "value": s["score_img_per_s"],
-             "baseline": s["bare_img_per_s"], "ratio": s["score_img_per_s"] / s["bare_img_per_s"],
-             "note": f"{s['n_files']} files, 128 px DenseNet121+SE, fp32, {ctx['threads']} threads"}]
+    print(f"  score: {s['score_img_per_s']:.1f} img/s end to end, bare forward {s['bare_img_per_s']:.1f} "
+          f"(with Ray idle {s['bare_ray_up_img_per_s']:.1f}, in a Ray Data actor {s['actor_img_per_s']:.1f}); "
+          f"steady state {s['marginal_img_per_s']:.1f} img/s after {s['startup_s']:.1f} s of start-up", flush=True)
+    bare = s["bare_img_per_s"]
+    rows = [{"name": "score: koa score / bare forward", "value": s["score_img_per_s"], "baseline": bare,
+             "ratio": s["score_img_per_s"] / bare,
+             "note": f"{s['n_files']} files, 128 px DenseNet121+SE, fp32, {ctx['threads']} threads"},
+            {"name": "score: koa score steady state / bare forward", "value": s["marginal_img_per_s"],
+             "baseline": bare, "ratio": s["marginal_img_per_s"] / bare,
+             "note": f"(3n - n) inputs / (t(3n) - t(n)): the job without its {s['startup_s']:.1f} s of start-up "
+                     "(actor process, imports, checkpoint load, first batch)"},
+            {"name": "score: bare forward, Ray idle / no Ray", "value": s["bare_ray_up_img_per_s"], "baseline": bare,
+             "ratio": s["bare_ray_up_img_per_s"] / bare,
+             "note": "the same forward in the same process once a local Ray instance is up and idle"},
+            {"name": "score: bare forward in a Ray Data actor / no Ray", "value": s["actor_img_per_s"],
+             "baseline": bare, "ratio": s["actor_img_per_s"] / bare,
+             "note": "the same forward inside a Ray Data actor placed as koa score places its model"}]
     tiny = random_checkpoint(ctx["tmp"] / "ckpt-tiny", "densenet_tiny", "cbam", 64, roi=not ctx["real"])
     rss = {}
     for n in (2000, 10000):
