@@ -424,6 +424,7 @@ def section_train(ctx: dict) -> list[dict]:
     plain = {"img_per_s": median([p["img_per_s"] for p in plains]), "n_train": plains[0]["n_train"]}
     ray = {k: median([r[k] for r in rays]) for k in ("img_per_s", "data_wait_share", "val_time_s", "epoch_time_s")}
     ray["checkpoint"] = rays[-1]["checkpoint"]
+    in_worker = median([m["img_per_s"] for m in mems])
     ctx["trained_checkpoint"] = ray["checkpoint"]
     # validation's cost per epoch at the real split's proportions: val time scales with val images, train time with
     # train images; the subset keeps train:val at the real set's ratio
@@ -437,8 +438,8 @@ def section_train(ctx: dict) -> list[dict]:
              "baseline": plain["img_per_s"], "ratio": median([p["img_per_s"] for p in idles]) / plain["img_per_s"],
              "note": "the plain loop in a process that has started a local Ray instance (daemons, dashboard) "
                      f"that does nothing else: {[round(p['img_per_s'], 1) for p in idles]}"},
-            {"name": "train: plain loop in a Ray Train worker / no Ray", "value": median([m["img_per_s"] for m in mems]),
-             "baseline": plain["img_per_s"], "ratio": median([m["img_per_s"] for m in mems]) / plain["img_per_s"],
+            {"name": "train: plain loop in a Ray Train worker / no Ray", "value": in_worker,
+             "baseline": plain["img_per_s"], "ratio": in_worker / plain["img_per_s"],
              "note": "the plain loop (data in memory, no Ray Data stream) as a Ray Train worker with 1 CPU reserved: "
                      f"{[round(m['img_per_s'], 1) for m in mems]}"},
             {"name": "train: Ray worker data wait (share of step time)", "value": ray["data_wait_share"],
