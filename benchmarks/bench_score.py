@@ -29,9 +29,9 @@ def main() -> None:
     a = ap.parse_args()
 
     from koa_ray.data.ingest import expand_inputs
-    from koa_ray.inference import Predictor
     from koa_ray.runtime import init_ray
     from koa_ray.score import score
+    from koa_ray.train.checkpoint import read_meta
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-score-"))
     ckpt = a.checkpoint or random_checkpoint(tmp / "ckpt", "densenet121", "cbam", a.size, roi=True)
@@ -43,7 +43,7 @@ def main() -> None:
         make_dataset(data, a.n, size=224, seed=0)
     n_files = len(expand_inputs([data]))
 
-    size = Predictor(ckpt, device="cpu").meta["preprocess"]["input_size"]
+    size = read_meta(ckpt)["preprocess"]["input_size"]
     bare = bare_forward(ckpt, a.batch_size, 20)
 
     init_ray(num_cpus=2)

@@ -275,7 +275,7 @@ def run_score(a: dict) -> dict:
     init_ray(num_cpus=2)
     time.sleep(3)
     bare_ray_up = bare_forward(a["checkpoint"], a["batch"], a["bare_s"])
-    in_actor = actor_forward(a["checkpoint"], a["batch"], a["bare_s"], a["threads"])
+    in_actor = actor_forward(a["checkpoint"], a["batch"], a["bare_s"])
     t = time.perf_counter()
     s = score([a["input"]], a["checkpoint"], Path(a["tmp"]) / "scores.csv", batch_size=a["batch"])
     dt = time.perf_counter() - t
@@ -283,20 +283,20 @@ def run_score(a: dict) -> dict:
     n_many = len(expand_inputs([a["input_x3"]]))
     t = time.perf_counter()
     score([a["input_x3"]], a["checkpoint"], Path(a["tmp"]) / "scores-x3.csv", batch_size=a["batch"])
-    dt_many = time.perf_counter() - t
+    per_image = max(time.perf_counter() - t - dt, 1e-9) / (n_many - n_files)  # steady-state seconds per input
     return {"bare_img_per_s": bare, "bare_ray_up_img_per_s": bare_ray_up, "actor_img_per_s": in_actor,
-            "score_img_per_s": n_files / dt, "marginal_img_per_s": (n_many - n_files) / max(dt_many - dt, 1e-9),
-            "startup_s": dt - n_files * max(dt_many - dt, 1e-9) / (n_many - n_files), "n_files": n_files,
-            "n_errors": s["n_errors"], "n_rows": s["n_rows"]}
+            "score_img_per_s": n_files / dt, "marginal_img_per_s": 1 / per_image,
+            "startup_s": dt - n_files * per_image, "n_files": n_files, "n_errors": s["n_errors"],
+            "n_rows": s["n_rows"]}
 
 
 class _ForwardActor:
     """:func:`bare_forward` inside a Ray Data actor, placed as ``koa score`` places its model actor."""
 
     def __init__(self, checkpoint: str, batch: int, seconds: float, threads: int):
-        import torch
+        from koa_ray.runtime import set_actor_threads
 
-        torch.set_num_threads(threads)
+        set_actor_threads(threads)
         self.args = (checkpoint, batch, seconds)
 
     def __call__(self, batch):
@@ -305,14 +305,17 @@ class _ForwardActor:
         return pd.DataFrame({"img_per_s": [bare_forward(*self.args)]})
 
 
-def actor_forward(checkpoint: str, batch: int, seconds: float, threads: int) -> float:
-    """img/s of the bare forward pass run by a Ray Data actor (0.5 CPU reserved, ``threads`` torch threads)."""
+def actor_forward(checkpoint: str, batch: int, seconds: float) -> float:
+    """img/s of the bare forward pass run by one Ray Data actor with ``koa score``'s defaults (0.5 CPU reserved,
+    :func:`koa_ray.runtime.actor_threads` torch threads)."""
     import pandas as pd
     import ray
 
+    from koa_ray.runtime import actor_threads
+
     ds = ray.data.from_pandas(pd.DataFrame({"x": [0]})).map_batches(
         _ForwardActor, fn_constructor_kwargs={"checkpoint": checkpoint, "batch": batch, "seconds": seconds,
-                                              "threads": threads},
+                                              "threads": actor_threads(1)},
         batch_size=1, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
     return float(ds.to_pandas()["img_per_s"].iloc[0])
 
@@ -424,7 +427,7 @@ def section_train(ctx: dict) -> list[dict]:
     plain = {"img_per_s": median([p["img_per_s"] for p in plains]), "n_train": plains[0]["n_train"]}
     ray = {k: median([r[k] for r in rays]) for k in ("img_per_s", "data_wait_share", "val_time_s", "epoch_time_s")}
     ray["checkpoint"] = rays[-1]["checkpoint"]
-    in_worker = median([m["img_per_s"] for m in mems])
+    idle, in_worker = median([p["img_per_s"] for p in idles]), median([m["img_per_s"] for m in mems])
     ctx["trained_checkpoint"] = ray["checkpoint"]
     # validation's cost per epoch at the real split's proportions: val time scales with val images, train time with
     # train images; the subset keeps train:val at the real set's ratio
@@ -434,8 +437,8 @@ def section_train(ctx: dict) -> list[dict]:
             f"{[round(p['img_per_s'], 1) for p in plains]}, Ray {[round(r['img_per_s'], 1) for r in rays]})")
     return [{"name": "train: Ray Train 1 worker / plain loop", "value": ray["img_per_s"],
              "baseline": plain["img_per_s"], "ratio": ray["img_per_s"] / plain["img_per_s"], "note": note},
-            {"name": "train: plain loop, Ray idle / no Ray", "value": median([p["img_per_s"] for p in idles]),
-             "baseline": plain["img_per_s"], "ratio": median([p["img_per_s"] for p in idles]) / plain["img_per_s"],
+            {"name": "train: plain loop, Ray idle / no Ray", "value": idle,
+             "baseline": plain["img_per_s"], "ratio": idle / plain["img_per_s"],
              "note": "the plain loop in a process that has started a local Ray instance (daemons, dashboard) "
                      f"that does nothing else: {[round(p['img_per_s'], 1) for p in idles]}"},
             {"name": "train: plain loop in a Ray Train worker / no Ray", "value": in_worker,
