@@ -12,8 +12,10 @@ Sections (each measured in a fresh process, so no Ray instance, thread setting o
   PyTorch loop: same model (DenseNet121+SE), prepared data, augmentation, batch size, precision (bf16 autocast,
   channels_last on CPU) and threads; the plain loop augments in its own thread, as a loop without a data loader
   does. Also the Ray worker's share of step time spent waiting for data, what validation costs per epoch on a
-  val split sized like the real one (1/7 of train), and the plain loop again with an idle Ray instance up (what
-  Ray costs at rest, as against at work).
+  val split sized like the real one (1/7 of train), and, to take the difference apart: the plain loop again with
+  an idle Ray instance up (what Ray costs at rest, as against at work), the plain loop (data in memory) inside a
+  Ray Train worker (what being a worker costs), and the Ray Train path fed from its stream materialized before the
+  trainer starts (what the producer tasks running beside the step cost).
 - **score**: ``koa score`` end to end on image files (listing, decode, crop, forward, CSV; Ray already started)
   against the bare forward pass of the same model on ready tensors, same machine and threads; where the difference
   goes (the bare forward with Ray idle, the bare forward inside a Ray Data actor, and the job's steady state and
@@ -220,6 +222,22 @@ def run_train_ray(a: dict) -> dict:
             "train_images": int(m["train_images"]), "checkpoint": str(Path(res["run_dir"]) / res["checkpoint"])}
 
 
+def run_train_ray_drained(a: dict) -> dict:
+    """The Ray Train path with the training stream materialized before the trainer starts: the same worker loop and
+    ``iter_torch_batches``, but no producer (re-sampling, shuffle, augmentation tasks) running beside the step. The
+    augmentation is drawn once for both epochs, which changes nothing for speed."""
+    import koa_ray.train.driver as driver
+
+    build = driver.build_datasets
+
+    def drained(cfg, weights):
+        datasets = build(cfg, weights)
+        return {**datasets, "train": datasets["train"].materialize()}
+
+    driver.build_datasets = drained
+    return run_train_ray(a)
+
+
 def run_train_ray_memory(a: dict) -> dict:
     """The plain loop (data in memory, no Ray Data stream) run inside a Ray Train worker placed as the recipe's:
     what being a Train worker costs, apart from the stream."""
@@ -340,7 +358,7 @@ def run_kernels(a: dict) -> dict:
 
 
 CHILDREN = {"prepare": run_prepare, "train-plain": run_train_plain, "train-ray": run_train_ray,
-            "train-ray-memory": run_train_ray_memory,
+            "train-ray-memory": run_train_ray_memory, "train-ray-drained": run_train_ray_drained,
             "score": run_score, "score-rss": run_score_rss, "kernels": run_kernels}
 
 
@@ -412,7 +430,7 @@ def section_prepare(ctx: dict) -> list[dict]:
 
 def section_train(ctx: dict) -> list[dict]:
     a = {"prep": str(ctx["prep128"]), "runs": str(ctx["tmp"] / "runs"), "size": 128, "threads": ctx["threads"]}
-    plains, rays, idles, mems = [], [], [], []
+    plains, rays, idles, mems, drains = [], [], [], [], []
     for rep in range(ctx["repeats"]):  # interleaved: plain, plain with Ray idle, in a Train worker, Ray, plain, ...
         plains.append(child("train-plain", a))
         print(f"  train plain loop: {plains[-1]['img_per_s']:.1f} img/s", flush=True)
@@ -424,10 +442,14 @@ def section_train(ctx: dict) -> list[dict]:
         rays.append(child("train-ray", a))
         print(f"  train Ray Train 1 worker: {rays[-1]['img_per_s']:.1f} img/s (data wait "
               f"{rays[-1]['data_wait_share']:.1%})", flush=True)
+        drains.append(child("train-ray-drained", {**a, "runs": str(ctx["tmp"] / f"runs-drained-{rep}")}))
+        print(f"  train Ray Train 1 worker, stream materialized first: {drains[-1]['img_per_s']:.1f} img/s",
+              flush=True)
     plain = {"img_per_s": median([p["img_per_s"] for p in plains]), "n_train": plains[0]["n_train"]}
     ray = {k: median([r[k] for r in rays]) for k in ("img_per_s", "data_wait_share", "val_time_s", "epoch_time_s")}
     ray["checkpoint"] = rays[-1]["checkpoint"]
     idle, in_worker = median([p["img_per_s"] for p in idles]), median([m["img_per_s"] for m in mems])
+    drained = median([d["img_per_s"] for d in drains])
     ctx["trained_checkpoint"] = ray["checkpoint"]
     # validation's cost per epoch at the real split's proportions: val time scales with val images, train time with
     # train images; the subset keeps train:val at the real set's ratio
@@ -445,6 +467,10 @@ def section_train(ctx: dict) -> list[dict]:
              "baseline": plain["img_per_s"], "ratio": in_worker / plain["img_per_s"],
              "note": "the plain loop (data in memory, no Ray Data stream) as a Ray Train worker with 1 CPU reserved: "
                      f"{[round(m['img_per_s'], 1) for m in mems]}"},
+            {"name": "train: Ray Train, stream materialized first / no Ray", "value": drained,
+             "baseline": plain["img_per_s"], "ratio": drained / plain["img_per_s"],
+             "note": "the Ray Train path fed from the same stream materialized before the trainer starts (no "
+                     f"producer tasks beside the step): {[round(d['img_per_s'], 1) for d in drains]}"},
             {"name": "train: Ray worker data wait (share of step time)", "value": ray["data_wait_share"],
              "ratio": ray["data_wait_share"], "note": "time blocked on the next batch / training time"},
             {"name": "train: validation (share of a real-size epoch)", "value": ray["val_time_s"],
