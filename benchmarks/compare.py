@@ -385,6 +385,11 @@ def median(values: list[float]) -> float:
     return v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
 
 
+def ratio_row(name: str, value: float, baseline: float, note: str) -> dict:
+    """One row of the table: ``value`` against ``baseline`` (the target and verdict are added by name later)."""
+    return {"name": name, "value": value, "baseline": baseline, "ratio": value / baseline, "note": note}
+
+
 def two_plain_processes(ctx: dict) -> float:
     """The machine's own 2-core scaling: two plain loops at once, each on half the files; aggregate img/s."""
     files = image_files(Path(ctx["prepare_data"]))
@@ -419,58 +424,54 @@ def section_prepare(ctx: dict) -> list[dict]:
     base = m["local"]
     note = (f"{n} files, 224 px, ROI on; plain loop {base:.1f} img/s; median of {ctx['repeats']} interleaved runs "
             f"(local {res['local']}, 1 CPU {res['1']}, 2 CPUs {res['2']})")
-    return [{"name": "prepare: Ray 2 CPUs / plain loop", "value": m["2"], "baseline": base, "ratio": m["2"] / base,
-             "note": note},
-            {"name": "prepare: Ray 1 CPU / plain loop", "value": m["1"], "baseline": base, "ratio": m["1"] / base,
-             "note": note},
-            {"name": "prepare: 2 plain processes at once / plain loop", "value": m["2x local"],
-             "baseline": base, "ratio": m["2x local"] / base,
-             "note": "two independent plain loops on halves of the files: what 2 cores give here without Ray"}]
+    return [ratio_row("prepare: Ray 2 CPUs / plain loop", m["2"], base, note),
+            ratio_row("prepare: Ray 1 CPU / plain loop", m["1"], base, note),
+            ratio_row("prepare: 2 plain processes at once / plain loop", m["2x local"], base,
+                      "two independent plain loops on halves of the files: what 2 cores give here without Ray")]
+
+
+# the train section's modes, run in this order within each repeat (interleaved, so a slow phase of the shared
+# machine hits every mode): name -> (child, extra args, console label)
+TRAIN_MODES = {
+    "plain": ("train-plain", {}, "plain loop"),
+    "idle": ("train-plain", {"ray_up": True}, "plain loop, Ray up and idle"),
+    "in_worker": ("train-ray-memory", {}, "plain loop inside a Ray Train worker"),
+    "ray": ("train-ray", {}, "Ray Train 1 worker"),
+    "drained": ("train-ray-drained", {}, "Ray Train 1 worker, stream materialized first"),
+}
 
 
 def section_train(ctx: dict) -> list[dict]:
-    a = {"prep": str(ctx["prep128"]), "runs": str(ctx["tmp"] / "runs"), "size": 128, "threads": ctx["threads"]}
-    plains, rays, idles, mems, drains = [], [], [], [], []
-    for rep in range(ctx["repeats"]):  # interleaved: plain, plain with Ray idle, in a Train worker, Ray, plain, ...
-        plains.append(child("train-plain", a))
-        print(f"  train plain loop: {plains[-1]['img_per_s']:.1f} img/s", flush=True)
-        idles.append(child("train-plain", {**a, "ray_up": True}))
-        print(f"  train plain loop, Ray up and idle: {idles[-1]['img_per_s']:.1f} img/s", flush=True)
-        mems.append(child("train-ray-memory", {**a, "runs": str(ctx["tmp"] / f"runs-memory-{rep}")}))
-        print(f"  train plain loop inside a Ray Train worker: {mems[-1]['img_per_s']:.1f} img/s", flush=True)
-        a["runs"] = str(ctx["tmp"] / f"runs-{rep}")
-        rays.append(child("train-ray", a))
-        print(f"  train Ray Train 1 worker: {rays[-1]['img_per_s']:.1f} img/s (data wait "
-              f"{rays[-1]['data_wait_share']:.1%})", flush=True)
-        drains.append(child("train-ray-drained", {**a, "runs": str(ctx["tmp"] / f"runs-drained-{rep}")}))
-        print(f"  train Ray Train 1 worker, stream materialized first: {drains[-1]['img_per_s']:.1f} img/s",
-              flush=True)
-    plain = {"img_per_s": median([p["img_per_s"] for p in plains]), "n_train": plains[0]["n_train"]}
-    ray = {k: median([r[k] for r in rays]) for k in ("img_per_s", "data_wait_share", "val_time_s", "epoch_time_s")}
-    ray["checkpoint"] = rays[-1]["checkpoint"]
-    idle, in_worker = median([p["img_per_s"] for p in idles]), median([m["img_per_s"] for m in mems])
-    drained = median([d["img_per_s"] for d in drains])
-    ctx["trained_checkpoint"] = ray["checkpoint"]
+    a = {"prep": str(ctx["prep128"]), "size": 128, "threads": ctx["threads"]}
+    runs: dict[str, list[dict]] = {mode: [] for mode in TRAIN_MODES}
+    for rep in range(ctx["repeats"]):
+        for mode, (section, extra, label) in TRAIN_MODES.items():
+            r = child(section, {**a, **extra, "runs": str(ctx["tmp"] / f"runs-{mode}-{rep}")})
+            runs[mode].append(r)
+            wait = f" (data wait {r['data_wait_share']:.1%})" if "data_wait_share" in r else ""
+            print(f"  train {label}: {r['img_per_s']:.1f} img/s{wait}", flush=True)
+    rates = {mode: [round(r["img_per_s"], 1) for r in rs] for mode, rs in runs.items()}
+    med = {mode: median([r["img_per_s"] for r in rs]) for mode, rs in runs.items()}
+    rays = runs["ray"]
+    ray = {k: median([r[k] for r in rays]) for k in ("data_wait_share", "val_time_s", "epoch_time_s")}
+    base = med["plain"]
+    ctx["trained_checkpoint"] = rays[-1]["checkpoint"]
     # validation's cost per epoch at the real split's proportions: val time scales with val images, train time with
     # train images; the subset keeps train:val at the real set's ratio
     val_share = ray["val_time_s"] / ray["epoch_time_s"]
-    note = (f"{plain['n_train']} train images at 128 px, batch 32, DenseNet121+SE, bf16, channels_last, "
+    note = (f"{runs['plain'][0]['n_train']} train images at 128 px, batch 32, DenseNet121+SE, bf16, channels_last, "
             f"{ctx['threads']} threads; median of {ctx['repeats']} interleaved runs (plain "
-            f"{[round(p['img_per_s'], 1) for p in plains]}, Ray {[round(r['img_per_s'], 1) for r in rays]})")
-    return [{"name": "train: Ray Train 1 worker / plain loop", "value": ray["img_per_s"],
-             "baseline": plain["img_per_s"], "ratio": ray["img_per_s"] / plain["img_per_s"], "note": note},
-            {"name": "train: plain loop, Ray idle / no Ray", "value": idle,
-             "baseline": plain["img_per_s"], "ratio": idle / plain["img_per_s"],
-             "note": "the plain loop in a process that has started a local Ray instance (daemons, dashboard) "
-                     f"that does nothing else: {[round(p['img_per_s'], 1) for p in idles]}"},
-            {"name": "train: plain loop in a Ray Train worker / no Ray", "value": in_worker,
-             "baseline": plain["img_per_s"], "ratio": in_worker / plain["img_per_s"],
-             "note": "the plain loop (data in memory, no Ray Data stream) as a Ray Train worker with 1 CPU reserved: "
-                     f"{[round(m['img_per_s'], 1) for m in mems]}"},
-            {"name": "train: Ray Train, stream materialized first / no Ray", "value": drained,
-             "baseline": plain["img_per_s"], "ratio": drained / plain["img_per_s"],
-             "note": "the Ray Train path fed from the same stream materialized before the trainer starts (no "
-                     f"producer tasks beside the step): {[round(d['img_per_s'], 1) for d in drains]}"},
+            f"{rates['plain']}, Ray {rates['ray']})")
+    return [ratio_row("train: Ray Train 1 worker / plain loop", med["ray"], base, note),
+            ratio_row("train: plain loop, Ray idle / no Ray", med["idle"], base,
+                      "the plain loop in a process that has started a local Ray instance (daemons, dashboard) "
+                      f"that does nothing else: {rates['idle']}"),
+            ratio_row("train: plain loop in a Ray Train worker / no Ray", med["in_worker"], base,
+                      "the plain loop (data in memory, no Ray Data stream) as a Ray Train worker with 1 CPU "
+                      f"reserved: {rates['in_worker']}"),
+            ratio_row("train: Ray Train, stream materialized first / no Ray", med["drained"], base,
+                      "the Ray Train path fed from the same stream materialized before the trainer starts (no "
+                      f"producer tasks beside the step): {rates['drained']}"),
             {"name": "train: Ray worker data wait (share of step time)", "value": ray["data_wait_share"],
              "ratio": ray["data_wait_share"], "note": "time blocked on the next batch / training time"},
             {"name": "train: validation (share of a real-size epoch)", "value": ray["val_time_s"],
@@ -490,19 +491,15 @@ def section_score(ctx: dict) -> list[dict]:
           f"(with Ray idle {s['bare_ray_up_img_per_s']:.1f}, in a Ray Data actor {s['actor_img_per_s']:.1f}); "
           f"steady state {s['marginal_img_per_s']:.1f} img/s after {s['startup_s']:.1f} s of start-up", flush=True)
     bare = s["bare_img_per_s"]
-    rows = [{"name": "score: koa score / bare forward", "value": s["score_img_per_s"], "baseline": bare,
-             "ratio": s["score_img_per_s"] / bare,
-             "note": f"{s['n_files']} files, 128 px DenseNet121+SE, fp32, {ctx['threads']} threads"},
-            {"name": "score: koa score steady state / bare forward", "value": s["marginal_img_per_s"],
-             "baseline": bare, "ratio": s["marginal_img_per_s"] / bare,
-             "note": f"(3n - n) inputs / (t(3n) - t(n)): the job without its {s['startup_s']:.1f} s of start-up "
-                     "(actor process, imports, checkpoint load, first batch)"},
-            {"name": "score: bare forward, Ray idle / no Ray", "value": s["bare_ray_up_img_per_s"], "baseline": bare,
-             "ratio": s["bare_ray_up_img_per_s"] / bare,
-             "note": "the same forward in the same process once a local Ray instance is up and idle"},
-            {"name": "score: bare forward in a Ray Data actor / no Ray", "value": s["actor_img_per_s"],
-             "baseline": bare, "ratio": s["actor_img_per_s"] / bare,
-             "note": "the same forward inside a Ray Data actor placed as koa score places its model"}]
+    rows = [ratio_row("score: koa score / bare forward", s["score_img_per_s"], bare,
+                      f"{s['n_files']} files, 128 px DenseNet121+SE, fp32, {ctx['threads']} threads"),
+            ratio_row("score: koa score steady state / bare forward", s["marginal_img_per_s"], bare,
+                      f"(3n - n) inputs / (t(3n) - t(n)): the job without its {s['startup_s']:.1f} s of start-up "
+                      "(actor process, imports, checkpoint load, first batch)"),
+            ratio_row("score: bare forward, Ray idle / no Ray", s["bare_ray_up_img_per_s"], bare,
+                      "the same forward in the same process once a local Ray instance is up and idle"),
+            ratio_row("score: bare forward in a Ray Data actor / no Ray", s["actor_img_per_s"], bare,
+                      "the same forward inside a Ray Data actor placed as koa score places its model")]
     tiny = random_checkpoint(ctx["tmp"] / "ckpt-tiny", "densenet_tiny", "cbam", 64, roi=not ctx["real"])
     rss = {}
     for n in (2000, 10000):
@@ -516,9 +513,9 @@ def section_score(ctx: dict) -> list[dict]:
               f"{rss[n]['workers_peak_mb']:.0f} MB ({rss[n]['seconds']:.0f} s)", flush=True)
     for who in ("driver", "workers"):
         lo, hi = rss[2000][f"{who}_peak_mb"], rss[10000][f"{who}_peak_mb"]
-        rows.append({"name": f"score: {who} peak RSS 10k / 2k inputs", "value": hi, "baseline": lo,
-                     "ratio": hi / lo, "note": f"{lo:.0f} MB -> {hi:.0f} MB (densenet_tiny, 64 px: the pipeline's "
-                                               "memory, not the model's)"})
+        rows.append(ratio_row(f"score: {who} peak RSS 10k / 2k inputs", hi, lo,
+                              f"{lo:.0f} MB -> {hi:.0f} MB (densenet_tiny, 64 px: the pipeline's memory, not the "
+                              "model's)"))
     return rows
 
 
