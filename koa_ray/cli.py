@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from koa_ray import TTA_MODES
+
 
 def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
@@ -262,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="prepared dataset or raw labelled folder/manifest")
     s.add_argument("--split", default="test")
     s.add_argument("--out", required=True)
-    s.add_argument("--tta", action="store_true", help="average predictions over horizontal flips")
+    s.add_argument("--tta", choices=TTA_MODES, default=None,
+                   help="test-time views to average: none, flip (mirror image), shift (small shifts and zooms); "
+                        "default: the checkpoint's")
     s.add_argument("--gradcam-examples", type=int, default=3, help="Grad-CAM examples per grade in the report")
     _add_actor_pool(s)
     s.set_defaults(fn=cmd_evaluate)
@@ -272,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", required=True, nargs="+", help="folders (recursive), globs, manifests, files")
     s.add_argument("--out", required=True, help="results.csv or results.parquet")
     s.add_argument("--resume", action="store_true", help="skip paths already in the output")
-    s.add_argument("--tta", action="store_true")
+    s.add_argument("--tta", choices=TTA_MODES, default=None,
+                   help="test-time views to average: none, flip (mirror image), shift (small shifts and zooms); "
+                        "default: the checkpoint's")
     s.add_argument("--threads", type=int, help="torch threads per CPU actor (default: the CPUs shared between actors)")
     _add_actor_pool(s)
     s.set_defaults(fn=cmd_score)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
+from koa_ray import TTA_MODES
 from koa_ray.metrics import DECODINGS
 
 
@@ -189,6 +190,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cap on optimizer steps per epoch (per worker); None = whole epoch
     torch_threads: int | None = None  # intra-op threads per worker; None = max(1, int(cpus_per_worker))
     decode: str = "argmax"  # argmax | expected: grade = round(sum_k k * p_k), the ordinal (QWK-friendly) decoding
+    tta: str = "none"  # none | flip | shift: views averaged in validation and, by default, evaluate/score (data.tta)
     mlflow: bool = True  # track the run in MLflow (koa_ray.tracking)
     mlflow_uri: str | None = None  # tracking URI; None = sqlite:///<run folder>/mlflow.db
     mlflow_experiment: str = "koa"
@@ -217,6 +219,9 @@ class TrainConfig:
              "must be >= 1 or null"),
             ("torch_threads", self.torch_threads is None or self.torch_threads >= 1, "must be >= 1 or null"),
             ("decode", self.decode in DECODINGS, f"supported: {', '.join(DECODINGS)}"),
+            ("tta", self.tta in TTA_MODES, f"supported: {', '.join(TTA_MODES)}"),
+            ("tta", self.tta != "flip" or self.augment.hflip_p > 0,
+             "flip averaging needs training with flips (augment.hflip_p > 0, on data prepared with --no-mirror)"),
             ("amp", self.amp in ("auto", "bf16", "fp16", "off"), "supported: auto, bf16, fp16, off"),
             ("name", bool(self.name) and "/" not in self.name, "must be a non-empty name without '/'"),
         ]

@@ -26,7 +26,7 @@ PRED_COLUMNS = ["path", "label", "status", "error", "grade", "p0", "p1", "p2", "
 class EvalActor:
     """Ray Data actor for evaluation: prepared crops (``image`` column) or raw files (``path`` column)."""
 
-    def __init__(self, checkpoint: str, tta: bool = False, use_gpu: bool = False, threads: int = 1):
+    def __init__(self, checkpoint: str, tta: str | None = None, use_gpu: bool = False, threads: int = 1):
         from koa_ray.inference import Predictor
         from koa_ray.runtime import set_actor_threads
 
@@ -60,7 +60,7 @@ def _rows(paths, labels, probs, sides, grades) -> pd.DataFrame:
     return df[PRED_COLUMNS]
 
 
-def predict_split(checkpoint: str, data: str | Path, split: str, tta: bool, batch_size: int, concurrency: int,
+def predict_split(checkpoint: str, data: str | Path, split: str, tta: str | None, batch_size: int, concurrency: int,
                   use_gpu: bool | None, address: str | None) -> pd.DataFrame:
     import ray
 
@@ -205,18 +205,22 @@ def error_gallery(checkpoint: str, preds: pd.DataFrame, data: Path, per_grade: i
     return out
 
 
-def evaluate(checkpoint: str, data: str | Path, out: str | Path, *, split: str = "test", tta: bool = False,
+def evaluate(checkpoint: str, data: str | Path, out: str | Path, *, split: str = "test", tta: str | None = None,
              batch_size: int = 64, concurrency: int = 1, use_gpu: bool | None = None, address: str | None = None,
              gradcam_per_grade: int = 3, errors_per_grade: int = 4) -> dict:
     """Evaluate and write ``metrics.json``, ``per_class.csv``, ``predictions.csv``, ``calibration.json``,
     ``confusion_matrix.png``, ``reliability.png`` and ``report.html`` (metrics, calibration, Grad-CAM examples and
-    the worst errors per grade, each with its knee box on the whole image) to ``out``; returns the metrics dict."""
+    the worst errors per grade, each with its knee box on the whole image) to ``out``; returns the metrics dict.
+    ``tta``: the test-time views to average (:mod:`koa_ray.data.tta`); ``None`` takes the checkpoint's (``tta`` in
+    its ``koa.json``)."""
     from koa_ray.train.checkpoint import read_meta, resolve_checkpoint
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(data)
     ckpt = resolve_checkpoint(checkpoint)
+    meta = read_meta(ckpt)
+    tta = meta.get("tta", "none") if tta is None else tta
     preds = predict_split(str(ckpt), data, split, tta, batch_size, concurrency, use_gpu, address)
     preds.to_csv(out / "predictions.csv", index=False)
     ok = preds[preds.status == "ok"]
@@ -232,7 +236,6 @@ def evaluate(checkpoint: str, data: str | Path, out: str | Path, *, split: str =
     plot_reliability(cal, out / "reliability.png")
     examples = gradcam_examples(str(ckpt), ok, data, gradcam_per_grade) if gradcam_per_grade > 0 else []
     errors = error_gallery(str(ckpt), ok, data, errors_per_grade) if errors_per_grade > 0 else []
-    meta = read_meta(ckpt)
     write_report(out / "report.html", metrics, per_class, examples, ckpt, meta, split, tta,
                  n_errors=int((preds.status == "error").sum()), cal=cal, gallery=errors)
     return metrics
@@ -256,7 +259,7 @@ def _tiles(items: list[dict], empty: str) -> str:
 
 
 def write_report(path: Path, metrics: dict, per_class: pd.DataFrame, examples, ckpt: Path, meta: dict, split: str,
-                 tta: bool, n_errors: int, cal: dict | None = None, gallery: list[dict] | None = None) -> None:
+                 tta: str, n_errors: int, cal: dict | None = None, gallery: list[dict] | None = None) -> None:
     cm_b64 = base64.b64encode((path.parent / "confusion_matrix.png").read_bytes()).decode()
     rel = path.parent / "reliability.png"
     rel_html = (f"<p>Expected calibration error <b>{cal['ece']:.3f}</b> (maximum {cal['mce']:.3f}, 10 bins, top "
@@ -278,7 +281,7 @@ figure img{{width:220px;display:block;image-rendering:auto}} figure img.film{{ma
 figcaption{{font-size:13px;line-height:1.3;margin-top:3px;word-break:break-word}} img.plot{{max-width:100%}}
 </style></head><body>
 <h1>Evaluation: {html.escape(ckpt.parent.name)}/{html.escape(ckpt.name)}</h1>
-<p>split <b>{html.escape(split)}</b>, n = {metrics['n']}{' (flip TTA)' if tta else ''}; unreadable inputs: {n_errors};
+<p>split <b>{html.escape(split)}</b>, n = {metrics['n']}{f' (TTA: {html.escape(tta)})' if tta != 'none' else ''}; unreadable inputs: {n_errors};
 model {html.escape(model['arch'])} + {html.escape(model['attention'])}, input {meta['preprocess']['input_size']} px,
 epoch {meta.get('epoch')}</p>
 <table>{summary}</table>

@@ -43,8 +43,11 @@ def preprocess_spec(meta: dict, fmt: str, checkpoint: str) -> dict:
         "source_checkpoint": checkpoint,
         "input": {"name": "image", "dtype": "float32", "layout": "NCHW", "shape": ["N", chans, size, size]},
         "output": {"name": "logits", "shape": ["N", len(CLASS_NAMES)],
-                   "to_grade": "softmax over the 5 logits; grade = " + (
-                       "round(sum_k k * p_k)" if meta.get("decode") == "expected" else "argmax")},
+                   "to_grade": ("softmax over the 5 logits" + (
+                       f"; average p over the test-time views '{meta['tta']}' (koa_ray.data.tta; the checkpoint was "
+                       "validated so)" if meta.get("tta", "none") != "none" else "") + "; grade = " + (
+                       "round(sum_k k * p_k)" if meta.get("decode") == "expected" else "argmax"))},
+        "tta": meta.get("tta", "none"),
         "class_names": list(CLASS_NAMES),
         "preprocess": pre,
         "steps": steps,

@@ -16,6 +16,7 @@ import torch
 from koa_ray.data.augment import EvalPreset
 from koa_ray.data.decode import DecodeError, read_image
 from koa_ray.data.ingest import IngestConfig, parse_patient_side
+from koa_ray.data.tta import tta_probs
 from koa_ray.metrics import decode_grades
 from koa_ray.data.prep import PrepConfig, knee_crops
 from koa_ray.train.checkpoint import load_checkpoint, model_id, resolve_checkpoint
@@ -59,6 +60,7 @@ class Predictor:
         self.side_source = dict(pre["prep"].get("side") or {"from": "filename",
                                                             "patient_regex": IngestConfig.patient_regex})
         self.decode = self.meta.get("decode", "argmax")
+        self.tta = self.meta.get("tta", "none")  # the test-time views the checkpoint was validated with
 
     def knees_from_file(self, path: str, side: str | None = None) -> list[Knee]:
         """Decode and crop one file with the checkpoint's preprocessing; raises :class:`DecodeError` for unreadable
@@ -77,25 +79,20 @@ class Predictor:
                      bool(b.fallback), float(b.score), implant=bool(b.implant))
                 for crop, b in knee_crops(img, self.prep, side_hint)]
 
-    def inputs(self, crops: np.ndarray, flip: bool = False) -> torch.Tensor:
-        x = self.eval_preset.transform(crops)
-        if flip:
-            x = x[..., ::-1].copy()
-        return torch.from_numpy(x).to(self.device)
+    def inputs(self, crops: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.eval_preset.transform(crops)).to(self.device)
 
     def grades(self, probs: np.ndarray) -> np.ndarray:
         """Grades from probabilities with the checkpoint's decoding (``argmax`` or ``expected``)."""
         return decode_grades(probs, self.decode) if len(probs) else np.zeros(0, np.int64)
 
     @torch.no_grad()
-    def predict(self, crops: np.ndarray, tta: bool = False) -> np.ndarray:
-        """``uint8 (N, S, S)`` crops → ``float (N, 5)`` probabilities; ``tta`` averages horizontal flips."""
+    def predict(self, crops: np.ndarray, tta: str | None = None) -> np.ndarray:
+        """``uint8 (N, S, S)`` crops → ``float (N, 5)`` probabilities, averaged over the test-time views of ``tta``
+        (``none`` | ``flip`` | ``shift``, :mod:`koa_ray.data.tta`; ``None``: the checkpoint's, :attr:`tta`)."""
         if len(crops) == 0:
             return np.zeros((0, 5), np.float32)
-        probs = torch.softmax(self.model(self.inputs(crops)).float(), 1)
-        if tta:
-            probs = 0.5 * (probs + torch.softmax(self.model(self.inputs(crops, flip=True)).float(), 1))
-        return probs.cpu().numpy()
+        return tta_probs(self.model, self.inputs(crops), self.tta if tta is None else tta).cpu().numpy()
 
 
 __all__ = ["DecodeError", "Knee", "Predictor", "pick_device"]

@@ -27,9 +27,10 @@ def _error_row(path: str, reason: str, model: str) -> dict:
             "model": model}
 
 
-def score_rows(predictor, paths, tta: bool = False, sides=None) -> pd.DataFrame:
+def score_rows(predictor, paths, tta: str | None = None, sides=None) -> pd.DataFrame:
     """Score a list of files with a loaded :class:`~koa_ray.inference.Predictor` (no Ray). ``sides``: optional
-    'L'/'R'/'' per path (from a manifest); empty means the side is parsed from the file name."""
+    'L'/'R'/'' per path (from a manifest); empty means the side is parsed from the file name. ``tta``: the
+    test-time views to average (:mod:`koa_ray.data.tta`); ``None`` takes the checkpoint's."""
     from koa_ray.data.decode import DecodeError
 
     rows, knees = [], []
@@ -55,7 +56,7 @@ def score_rows(predictor, paths, tta: bool = False, sides=None) -> pd.DataFrame:
 class ScoreActor:
     """Ray Data actor: one model per actor, batches of paths in, score rows out."""
 
-    def __init__(self, checkpoint: str, use_gpu: bool = False, tta: bool = False, threads: int = 1):
+    def __init__(self, checkpoint: str, use_gpu: bool = False, tta: str | None = None, threads: int = 1):
         from koa_ray.inference import Predictor
         from koa_ray.runtime import set_actor_threads
 
@@ -118,11 +119,12 @@ def check_same_model(rows: pd.DataFrame, model: str, out: Path) -> None:
 
 
 def score(inputs: list[str], checkpoint: str, out: str | Path, *, batch_size: int = 32, concurrency: int = 1,
-          resume: bool = False, use_gpu: bool | None = None, tta: bool = False, address: str | None = None,
+          resume: bool = False, use_gpu: bool | None = None, tta: str | None = None, address: str | None = None,
           flush_rows: int = 2000, max_files: int | None = None, threads: int | None = None) -> dict:
     """Score every file under ``inputs`` and write ``out`` (``.csv`` or ``.parquet``).
 
     Args:
+        tta: test-time views to average, ``none`` | ``flip`` | ``shift``; ``None`` (default): the checkpoint's.
         threads: torch threads per CPU actor (default: the cluster's CPUs shared between the ``concurrency``
             actors, :func:`koa_ray.runtime.actor_threads`).
         max_files: stop after this many new files (used to simulate an interrupted job in tests).

@@ -115,3 +115,44 @@ def test_default_augmentation_is_label_safe():
     a = TrainPreset(AugmentConfig(), 64).reseed(3).augment(img, np.array([0]))
     b = TrainPreset(AugmentConfig(), 64).reseed(3).augment(img, np.array([4]))
     np.testing.assert_array_equal(a, b)
+
+
+def test_tta_views_are_exact_pixel_shifts_zooms_and_flips():
+    """``shift`` moves the content by whole pixels (no interpolation blur) in four directions and zooms about the
+    centre; ``flip`` is the mirror image; the first view is the input itself; an unknown mode lists the choices."""
+    import torch
+
+    from koa_ray.data.tta import SHIFT, tta_views
+
+    x = torch.zeros(1, 1, 64, 64)
+    x[0, 0, 20, 30] = 1.0
+    k = round(SHIFT * 64)
+    views = tta_views(x, "shift")
+    assert len(views) == 7 and views[0] is x
+    moved = [tuple(torch.nonzero(v[0, 0] > 0.999).tolist()[0]) for v in views[1:5]]
+    assert moved == [(20, 30 + k), (20, 30 - k), (20 + k, 30), (20 - k, 30)]
+    assert all(torch.allclose(v.sum(), x.sum()) for v in views[1:5])  # exact shifts: the pixel is not smeared
+    ramp = torch.linspace(-1, 1, 64).repeat(64, 1)[None, None]  # centre value 0, grows to the right
+    zoom_out, zoom_in = tta_views(ramp, "shift")[5:]
+    # magnifying (1.03) brings values from nearer the centre out to a pixel; shrinking (0.95), from farther out
+    assert zoom_in[0, 0, 32, 48] < ramp[0, 0, 32, 48] < zoom_out[0, 0, 32, 48]
+    assert torch.equal(tta_views(x, "flip")[1], x.flip(-1)) and tta_views(x, "none") == [x]
+    with pytest.raises(ValueError, match="tta='rotate': supported: none, flip, shift"):
+        tta_views(x, "rotate")
+
+
+def test_tta_probs_average_the_softmax_of_every_view():
+    import torch
+
+    from koa_ray.data.tta import tta_probs, tta_views
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 5), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 5)).eval()
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(tta_probs(model, x, "none"), torch.softmax(model(x), 1))
+        want = torch.stack([torch.softmax(model(v), 1) for v in tta_views(x, "shift")]).mean(0)
+        got = tta_probs(model, x, "shift")
+    assert torch.allclose(got, want, atol=1e-6) and torch.allclose(got.sum(1), torch.ones(3))
+    assert not torch.allclose(got, tta_probs(model, x, "none"), atol=1e-4)

@@ -56,3 +56,16 @@ def test_export_cli_and_bad_format(tiny_run, tmp_path, capsys):
     assert (tmp_path / "x" / "model.onnx").stat().st_size > 10_000
     with pytest.raises(ValueError, match="supported: onnx, torchscript"):
         export_model(run, tmp_path / "y", fmt="tflite")
+
+
+def test_export_spec_names_the_test_time_views(tiny_run):
+    """A checkpoint with test-time views (``tta``) exports a single-view model; ``preprocess.json`` tells the other
+    runtime which views to average, as ``koa score`` does."""
+    from koa_ray.export import preprocess_spec
+
+    run, _ = tiny_run
+    _, meta = load_checkpoint(run)
+    plain = preprocess_spec(meta, "onnx", str(run))
+    assert plain["tta"] == "none" and "test-time views" not in plain["output"]["to_grade"]
+    shifted = preprocess_spec({**meta, "tta": "shift"}, "onnx", str(run))
+    assert shifted["tta"] == "shift" and "average p over the test-time views 'shift'" in shifted["output"]["to_grade"]

@@ -215,8 +215,9 @@ def test_evaluate_prepared_and_raw(ray_session, tiny_run, prepared, synth_dir, t
     raw = evaluate(str(run), synth_dir, tmp_path / "ev_raw", split="test", gradcam_per_grade=0)
     assert raw["n"] == m["n"]
     assert raw["confusion_matrix"] == m["confusion_matrix"]
-    tta = evaluate(str(run), prepared, tmp_path / "ev_tta", split="test", tta=True, gradcam_per_grade=0)
+    tta = evaluate(str(run), prepared, tmp_path / "ev_tta", split="test", tta="shift", gradcam_per_grade=0)
     assert tta["n"] == m["n"]
+    assert "(TTA: shift)" in (tmp_path / "ev_tta" / "report.html").read_text()
 
 
 def test_cli_exit_code_when_every_input_fails(ray_session, tiny_run, tmp_path, monkeypatch, capsys):

@@ -111,6 +111,10 @@ def test_config_errors_name_the_key(tmp_path):
         load_train_config(sets=["optim.lr=fast"])
     with pytest.raises(ConfigError, match="model.arch"):
         load_train_config(overrides={"model.arch": "resnet"})
+    with pytest.raises(ConfigError, match="tta='flip': flip averaging needs training with flips"):
+        load_train_config(sets=["tta=flip", "augment.hflip_p=0"])
+    with pytest.raises(ConfigError, match="tta='rotate': supported: none, flip, shift"):
+        load_train_config(sets=["tta=rotate"])
     y = tmp_path / "c.yaml"
     y.write_text("epochs: 3\nloss: {name: ce, label_smoothing: 0.1}\naugment: {rotate_deg: 5}\n")
     cfg = load_train_config(y, {"epochs": 4})
@@ -219,6 +223,37 @@ def test_bf16_cpu_training_learns_and_checkpoint_matches_fp32_inference(prepared
     assert meta["train_config"]["amp"] == "bf16"
     m = classification_metrics(y, pred)
     assert m["confusion_matrix"] == meta["metrics"]["val_confusion_matrix"]
+
+
+def test_flip_averaged_validation_is_what_the_checkpoint_predicts_by_default(prepared, tmp_path):
+    """``tta: flip`` (with training flips) validates on the mean of each knee and its mirror image; the checkpoint
+    records it, so a :class:`Predictor` (evaluate, score, gradcam) averages the flips by default and reproduces the
+    logged val figures and loss; ``tta=False`` still gives the single view."""
+    from koa_ray.config import AugmentConfig
+    from koa_ray.data.decode import decode_image_column
+    from koa_ray.inference import Predictor
+    from koa_ray.train.local import fit_local, read_split
+
+    cfg = TrainConfig(data=str(prepared), out=str(tmp_path), name="tta", epochs=3, tta="flip",
+                      augment=AugmentConfig(hflip_p=0.5), **{**TINY, "optim": OptimConfig(lr=1e-2)})
+    fit_local(cfg)
+    history = pd.read_csv(tmp_path / "tta" / "metrics.csv")
+    p = Predictor(resolve_checkpoint(tmp_path / "tta"), device="cpu")
+    assert p.tta == p.meta["tta"] == "flip"
+    val = read_split(prepared, "val")
+    crops = decode_image_column(val["image"].tolist(), val["size"].to_numpy())
+    probs = p.predict(crops)
+    single = p.predict(crops, tta="none")
+    mirrored = p.predict(crops[:, :, ::-1].copy(), tta="none")
+    assert np.abs(mirrored - single).max() > 1e-4  # the mirror image is another view for this model
+    np.testing.assert_allclose(probs, 0.5 * (single + mirrored), rtol=0, atol=1e-6)
+    labels = val["label"].to_numpy()
+    m = classification_metrics(labels, p.grades(probs))
+    assert m["confusion_matrix"] == p.meta["metrics"]["val_confusion_matrix"]
+    nll = -np.log(probs[np.arange(len(labels)), labels]).mean()
+    assert p.meta["metrics"]["val_loss"] == pytest.approx(nll, rel=1e-5)
+    assert history.loc[history["epoch"] == p.meta["epoch"], "val_loss"].item() == pytest.approx(nll, rel=1e-5)
+    assert "averaged over the test-time views 'flip'" in (tmp_path / "tta" / "MODEL_CARD.md").read_text()
 
 
 def test_weight_ema_is_the_exponential_average_of_the_weights():

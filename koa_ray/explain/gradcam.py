@@ -136,7 +136,7 @@ class GradCamActor:
         if knees:
             crops = np.stack([k.crop for k, _ in knees])
             probs = self.p.predict(crops)
-            preds = self.p.grades(probs)  # the checkpoint's decoding, as in koa score
+            preds = self.p.grades(probs)  # the checkpoint's decoding and flip averaging, as in koa score
             targets = preds if self.target is None else np.full(len(preds), self.target)
             x = self.p.inputs(crops)
             maps = compute_cams(self.p.model, x, list(targets), self.method, self.layer)

@@ -22,6 +22,7 @@ import torch
 
 from koa_ray.config import TrainConfig, to_dict
 from koa_ray.data.augment import GRAY_MEAN, GRAY_STD
+from koa_ray.data.tta import tta_probs
 from koa_ray.losses import build_loss, class_weights
 from koa_ray.metrics import DECODINGS, classification_metrics, decode_grades
 from koa_ray.progress import Reporter
@@ -62,6 +63,7 @@ def checkpoint_meta(cfg: TrainConfig, model_cfg: dict, data: DataInfo, epoch: in
         "preprocess": {"prep": data.prep, "input_size": cfg.image_size, "mean": GRAY_MEAN, "std": GRAY_STD,
                        "in_chans": cfg.in_chans},
         "decode": cfg.decode,  # how probabilities become a grade (argmax | expected)
+        "tta": cfg.tta,  # the test-time views validation averaged (koa_ray.data.tta); inference does the same
         "train_config": to_dict(cfg),
         "epoch": epoch,
         "metrics": metrics,
@@ -119,8 +121,11 @@ def eval_autocast_dtype(amp: torch.dtype | None, device: torch.device) -> torch.
 
 @torch.no_grad()
 def evaluate_batches(model: torch.nn.Module, batches: Iterable[tuple[np.ndarray, np.ndarray]], device: torch.device,
-                     loss_fn, amp: torch.dtype | None, channels_last: bool) -> tuple[dict, float, int]:
-    """Confusion matrices (one per decoding in ``DECODINGS``), summed loss and count over ``batches``."""
+                     loss_fn, amp: torch.dtype | None, channels_last: bool, tta: str = "none"
+                     ) -> tuple[dict, float, int]:
+    """Confusion matrices (one per decoding in ``DECODINGS``), summed loss and count over ``batches``; with a
+    ``tta`` mode the probabilities are averaged over its views (:func:`koa_ray.data.tta.tta_probs`) and the loss
+    is the negative log-likelihood of the averaged probabilities."""
     model.eval()
     cms = {how: np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64) for how in DECODINGS}
     loss_sum, n = 0.0, 0
@@ -130,9 +135,12 @@ def evaluate_batches(model: torch.nn.Module, batches: Iterable[tuple[np.ndarray,
             xt = xt.contiguous(memory_format=torch.channels_last)
         yt = torch.as_tensor(np.array(y, np.int64), device=device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = model(xt)
-        loss_sum += float(loss_fn(logits.float(), yt)) * len(y)
-        probs = torch.softmax(logits.float(), 1).cpu().numpy()
+            if tta == "none":
+                logits = model(xt).float()
+            else:  # CE of these log-probabilities = NLL of the averaged probabilities
+                logits = torch.log(tta_probs(model, xt, tta).clamp_min(1e-12))
+        loss_sum += float(loss_fn(logits, yt)) * len(y)
+        probs = torch.softmax(logits, 1).cpu().numpy()
         for how, cm in cms.items():
             np.add.at(cm, (np.asarray(y), decode_grades(probs, how)), 1)
         n += len(y)
@@ -292,7 +300,7 @@ def train_loop(cfg: TrainConfig, data: DataInfo, session: Session, fault: FaultP
 
         t_val = time.perf_counter()
         cms, val_loss_sum, n_val = evaluate_batches(eval_model, session.val_batches(), device, eval_loss,
-                                                    eval_autocast_dtype(amp, device), cfg.channels_last)
+                                                    eval_autocast_dtype(amp, device), cfg.channels_last, cfg.tta)
         cms = {how: session.all_reduce(torch.as_tensor(c, dtype=torch.float64)).numpy().astype(np.int64)
                for how, c in cms.items()}
         val_loss_sum = float(session.all_reduce(torch.tensor([val_loss_sum], dtype=torch.float64)))
