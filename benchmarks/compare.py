@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -594,7 +593,9 @@ def main() -> None:
     for r in rows:
         base = f"{r['baseline']:.1f}" if "baseline" in r else ""
         print(f"{r['name']:<52}{r['value']:>10.2f}{base:>10}{r['ratio']:>8.3f}{r['target']:>9}  {r['verdict']}")
-    out = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.processor() or platform.machine()}, "
+    from reference_plain_pytorch import cpu_model  # benchmarks/ is this script's folder, first on sys.path
+
+    out = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{cpu_model()}, "
            f"{os.cpu_count()} CPUs", "threads": a.threads, "data": str(data), "real_data": real,
            "wall_s": round(time.perf_counter() - t0, 1), "rows": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

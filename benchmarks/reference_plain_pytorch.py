@@ -33,6 +33,17 @@ from koa_ray.metrics import classification_metrics  # noqa: E402  (pure maths, t
 EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or the architecture where that file is missing."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def load_split(root: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for g in range(5):
@@ -137,7 +148,7 @@ def main(argv=None) -> int:
         pd.DataFrame(rows).to_csv(out / "metrics.csv", index=False)
     best = max(rows, key=lambda r: r["val_qwk"])
     result = {"final": rows[-1], "best_by_val_qwk": best, "wall_s": time.perf_counter() - t_start,
-              "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+              "machine": f"{platform.node()} {cpu_model()}, {os.cpu_count()} CPUs, "
                          f"torch {torch.__version__}, {args.threads} threads",
               "args": vars(args)}
     (out / "result.json").write_text(json.dumps(result, indent=2))
