@@ -294,12 +294,12 @@ def run_score(a: dict) -> dict:
     bare_ray_up = bare_forward(a["checkpoint"], a["batch"], a["bare_s"])
     in_actor = actor_forward(a["checkpoint"], a["batch"], a["bare_s"])
     t = time.perf_counter()
-    s = score([a["input"]], a["checkpoint"], Path(a["tmp"]) / "scores.csv", batch_size=a["batch"])
+    s = score([a["input"]], a["checkpoint"], Path(a["tmp"]) / "scores.csv", batch_size=a["batch"], tta="none")
     dt = time.perf_counter() - t
     # the same job on three copies of the inputs: the extra time is the steady state, without the fixed start-up
     n_many = len(expand_inputs([a["input_x3"]]))
     t = time.perf_counter()
-    score([a["input_x3"]], a["checkpoint"], Path(a["tmp"]) / "scores-x3.csv", batch_size=a["batch"])
+    score([a["input_x3"]], a["checkpoint"], Path(a["tmp"]) / "scores-x3.csv", batch_size=a["batch"], tta="none")
     per_image = max(time.perf_counter() - t - dt, 1e-9) / (n_many - n_files)  # steady-state seconds per input
     return {"bare_img_per_s": bare, "bare_ray_up_img_per_s": bare_ray_up, "actor_img_per_s": in_actor,
             "score_img_per_s": n_files / dt, "marginal_img_per_s": 1 / per_image,
@@ -344,7 +344,8 @@ def run_score_rss(a: dict) -> dict:
     init_ray(num_cpus=2)
     t = time.perf_counter()
     with PeakRss() as rss:
-        s = score([a["input"]], a["checkpoint"], Path(a["tmp"]) / f"rss-{a['n']}.csv", batch_size=a["batch"])
+        s = score([a["input"]], a["checkpoint"], Path(a["tmp"]) / f"rss-{a['n']}.csv", batch_size=a["batch"],
+                  tta="none")
     return {"n_files": a["n"], "n_rows": s["n_rows"], "seconds": time.perf_counter() - t,
             "driver_peak_mb": rss.driver / 2**20, "workers_peak_mb": rss.workers / 2**20}
 

@@ -24,6 +24,12 @@ def cmd_synth(a) -> int:
     return 0
 
 
+def _add_tta(s) -> None:
+    s.add_argument("--tta", choices=TTA_MODES, default=None,
+                   help="test-time views to average: none, flip (mirror image), shift (small shifts and zooms); "
+                        "default: the checkpoint's")
+
+
 def _roi_config(a):
     from koa_ray.data.roi import RoiConfig
 
@@ -138,7 +144,8 @@ def cmd_gradcam(a) -> int:
     from koa_ray.explain.gradcam import run_gradcam
 
     summary = run_gradcam(a.input, a.checkpoint, a.out, method=a.method, target=a.target, layer=a.layer,
-                          save_npy=a.npy, batch_size=a.batch_size, concurrency=a.concurrency, address=a.address)
+                          save_npy=a.npy, batch_size=a.batch_size, concurrency=a.concurrency, address=a.address,
+                          tta=a.tta)
     _print_json(summary)
     return _batch_exit_code(summary, summary["n_overlays"], str(Path(a.out) / "index.csv"))
 
@@ -264,9 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="prepared dataset or raw labelled folder/manifest")
     s.add_argument("--split", default="test")
     s.add_argument("--out", required=True)
-    s.add_argument("--tta", choices=TTA_MODES, default=None,
-                   help="test-time views to average: none, flip (mirror image), shift (small shifts and zooms); "
-                        "default: the checkpoint's")
+    _add_tta(s)
     s.add_argument("--gradcam-examples", type=int, default=3, help="Grad-CAM examples per grade in the report")
     _add_actor_pool(s)
     s.set_defaults(fn=cmd_evaluate)
@@ -276,9 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", required=True, nargs="+", help="folders (recursive), globs, manifests, files")
     s.add_argument("--out", required=True, help="results.csv or results.parquet")
     s.add_argument("--resume", action="store_true", help="skip paths already in the output")
-    s.add_argument("--tta", choices=TTA_MODES, default=None,
-                   help="test-time views to average: none, flip (mirror image), shift (small shifts and zooms); "
-                        "default: the checkpoint's")
+    _add_tta(s)
     s.add_argument("--threads", type=int, help="torch threads per CPU actor (default: the CPUs shared between actors)")
     _add_actor_pool(s)
     s.set_defaults(fn=cmd_score)
@@ -291,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", default="predicted", help="predicted, or a grade 0-4 to explain")
     s.add_argument("--layer", default=None, help="dotted module name (default: features.attention4)")
     s.add_argument("--npy", action="store_true", help="also save the raw maps as .npy")
+    _add_tta(s)
     _add_actor_pool(s, batch=16)
     s.set_defaults(fn=cmd_gradcam)
 

@@ -159,9 +159,11 @@ def _upscale(gray: np.ndarray, width: int = 256) -> np.ndarray:
     return cv2.resize(gray, (width, int(round(h * width / w))), interpolation=cv2.INTER_NEAREST)
 
 
-def gradcam_examples(checkpoint: str, preds: pd.DataFrame, data: Path, per_grade: int) -> list[dict]:
+def gradcam_examples(checkpoint: str, preds: pd.DataFrame, data: Path, per_grade: int,
+                     tta: str | None = None) -> list[dict]:
     """A few Grad-CAM overlays per true grade, computed in-process, each with the whole image and its knee box:
-    ``[{"grade", "caption", "png", "film"}]`` (base64 PNGs; ``film`` may be ``None``)."""
+    ``[{"grade", "caption", "png", "film"}]`` (base64 PNGs; ``film`` may be ``None``). The predicted grade in a
+    caption is the one ``predictions.csv`` holds: the checkpoint's decoding over the ``tta`` views."""
     from koa_ray.explain.gradcam import compute_cams, overlay
     from koa_ray.inference import Predictor
 
@@ -170,11 +172,12 @@ def gradcam_examples(checkpoint: str, preds: pd.DataFrame, data: Path, per_grade
     if picks.empty:
         return []
     crops, films = _examples_input(p, picks, data)
-    probs = p.predict(crops)
-    maps = compute_cams(p.model, p.inputs(crops), list(probs.argmax(1)))
+    probs = p.predict(crops, tta=tta)
+    grades = p.grades(probs)
+    maps = compute_cams(p.model, p.inputs(crops), list(grades))
     out = []
-    for row, crop, cam, pr, film in zip(picks.itertuples(), crops, maps, probs, films):
-        pred = int(pr.argmax())
+    for row, crop, cam, pr, pred, film in zip(picks.itertuples(), crops, maps, probs, grades, films):
+        pred = int(pred)
         out.append({"grade": int(row.label), "png": _png_b64(overlay(crop, cam, None)),
                     "film": _png_b64(film) if film is not None else None,
                     "caption": f"true KL{row.label}, predicted KL{pred} (p {pr[pred]:.2f}) - {Path(row.path).name}"})
@@ -234,7 +237,7 @@ def evaluate(checkpoint: str, data: str | Path, out: str | Path, *, split: str =
     per_class.to_csv(out / "per_class.csv", index=False)
     plot_confusion(np.array(metrics["confusion_matrix"]), out / "confusion_matrix.png")
     plot_reliability(cal, out / "reliability.png")
-    examples = gradcam_examples(str(ckpt), ok, data, gradcam_per_grade) if gradcam_per_grade > 0 else []
+    examples = gradcam_examples(str(ckpt), ok, data, gradcam_per_grade, tta) if gradcam_per_grade > 0 else []
     errors = error_gallery(str(ckpt), ok, data, errors_per_grade) if errors_per_grade > 0 else []
     write_report(out / "report.html", metrics, per_class, examples, ckpt, meta, split, tta,
                  n_errors=int((preds.status == "error").sum()), cal=cal, gallery=errors)

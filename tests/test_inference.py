@@ -218,6 +218,21 @@ def test_evaluate_prepared_and_raw(ray_session, tiny_run, prepared, synth_dir, t
     tta = evaluate(str(run), prepared, tmp_path / "ev_tta", split="test", tta="shift", gradcam_per_grade=0)
     assert tta["n"] == m["n"]
     assert "(TTA: shift)" in (tmp_path / "ev_tta" / "report.html").read_text()
+    shifted = pd.read_csv(tmp_path / "ev_tta" / "predictions.csv").set_index("path")
+    single = preds.set_index("path").loc[shifted.index]
+    probs = [f"p{g}" for g in range(5)]
+    # the views were averaged (the tiny model is near-uniform: differences of ~1e-5, far above float noise)
+    assert np.abs(shifted[probs].to_numpy() - single[probs].to_numpy()).max() > 5e-6
+    # a checkpoint that records its views (tta in koa.json) is evaluated with them when --tta is not given
+    from koa_ray.train.checkpoint import META
+
+    rec = tmp_path / "ckpt_shift"
+    shutil.copytree(run / json.loads((run / "best.json").read_text())["checkpoint"], rec)
+    meta = json.loads((rec / META).read_text())
+    (rec / META).write_text(json.dumps({**meta, "tta": "shift"}))
+    evaluate(str(rec), prepared, tmp_path / "ev_rec", split="test", gradcam_per_grade=0)
+    recorded = pd.read_csv(tmp_path / "ev_rec" / "predictions.csv").set_index("path").loc[shifted.index]
+    np.testing.assert_allclose(recorded[probs].to_numpy(), shifted[probs].to_numpy(), atol=1e-6)
 
 
 def test_cli_exit_code_when_every_input_fails(ray_session, tiny_run, tmp_path, monkeypatch, capsys):

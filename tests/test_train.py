@@ -228,7 +228,7 @@ def test_bf16_cpu_training_learns_and_checkpoint_matches_fp32_inference(prepared
 def test_flip_averaged_validation_is_what_the_checkpoint_predicts_by_default(prepared, tmp_path):
     """``tta: flip`` (with training flips) validates on the mean of each knee and its mirror image; the checkpoint
     records it, so a :class:`Predictor` (evaluate, score, gradcam) averages the flips by default and reproduces the
-    logged val figures and loss; ``tta=False`` still gives the single view."""
+    logged val figures and loss; ``tta="none"`` still gives the single view."""
     from koa_ray.config import AugmentConfig
     from koa_ray.data.decode import decode_image_column
     from koa_ray.inference import Predictor

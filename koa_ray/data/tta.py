@@ -13,7 +13,8 @@ A view must be one the model met in training, or averaging adds a view it cannot
   TTA (Krizhevsky et al., NeurIPS 2012; Simonyan & Zisserman, ICLR 2015).
 
 Validation during training and ``evaluate`` / ``score`` / ``gradcam`` use the same function, :func:`tta_probs`, so
-a checkpoint's logged val figures are the ones inference reproduces.
+a checkpoint's logged val figures are the ones inference reproduces (on the CPU, where both run in fp32; CUDA
+validation runs under the training autocast).
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ ZOOMS = (0.95, 1.03)
 
 def _affine(x: torch.Tensor, dx: float, dy: float, zoom: float) -> torch.Tensor:
     """``x`` (N, C, S, S) with its content moved right by ``dx`` and down by ``dy`` (fractions of the side) and
-    scaled by ``zoom`` about the centre; borders are reflected, as in the train preset's affine."""
-    theta = torch.tensor([[1.0 / zoom, 0.0, -2.0 * dx], [0.0, 1.0 / zoom, -2.0 * dy]], dtype=x.dtype, device=x.device)
-    grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    scaled by ``zoom`` about the centre; borders are reflected (edge pixel included). Computed in float32 even
+    under autocast: a bf16 sampling grid would move whole-pixel shifts off the pixel centres."""
+    with torch.autocast(x.device.type, enabled=False):
+        xf = x.float()
+        theta = torch.tensor([[1.0 / zoom, 0.0, -2.0 * dx], [0.0, 1.0 / zoom, -2.0 * dy]], device=x.device)
+        grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
+        return F.grid_sample(xf, grid, mode="bilinear", padding_mode="reflection", align_corners=False).to(x.dtype)
 
 
 def tta_views(x: torch.Tensor, mode: str = "none") -> list[torch.Tensor]:

@@ -102,7 +102,8 @@ class GradCamActor:
     """Ray Data actor: batches of paths → overlays (and optional ``.npy`` maps) written to ``out_dir``."""
 
     def __init__(self, checkpoint: str, out_dir: str, method: str = "gradcam", target: str = "predicted",
-                 layer: str | None = None, save_npy: bool = False, use_gpu: bool = False, threads: int = 1):
+                 layer: str | None = None, save_npy: bool = False, use_gpu: bool = False, threads: int = 1,
+                 tta: str | None = None):
         from koa_ray.inference import Predictor
         from koa_ray.runtime import set_actor_threads
 
@@ -111,6 +112,7 @@ class GradCamActor:
         self.p = Predictor(checkpoint, device="cuda" if use_gpu else "cpu")
         self.out, self.method, self.layer, self.save_npy = Path(out_dir), method, layer, save_npy
         self.target = parse_target(target)
+        self.tta = tta  # the views the predicted grade averages (None: the checkpoint's); the map is of the crop
         target_layer(self.p.model, layer)  # fail fast on a bad layer name
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -135,8 +137,8 @@ class GradCamActor:
                 rows.append(_error(str(path), f"{type(e).__name__}: {e}"))
         if knees:
             crops = np.stack([k.crop for k, _ in knees])
-            probs = self.p.predict(crops)
-            preds = self.p.grades(probs)  # the checkpoint's decoding and flip averaging, as in koa score
+            probs = self.p.predict(crops, tta=self.tta)
+            preds = self.p.grades(probs)  # the checkpoint's decoding over the test-time views, as in koa score
             targets = preds if self.target is None else np.full(len(preds), self.target)
             x = self.p.inputs(crops)
             maps = compute_cams(self.p.model, x, list(targets), self.method, self.layer)
@@ -216,8 +218,10 @@ def contact_sheet(rows: pd.DataFrame, out_html: Path, title: str = "Grad-CAM") -
 
 def run_gradcam(inputs: list[str], checkpoint: str, out: str | Path, *, method: str = "gradcam",
                 target: str = "predicted", layer: str | None = None, save_npy: bool = False, batch_size: int = 16,
-                concurrency: int = 1, use_gpu: bool | None = None, address: str | None = None) -> dict:
-    """Batch Grad-CAM over files on a Ray Data actor pool; writes overlays, ``index.csv`` and ``index.html``."""
+                concurrency: int = 1, use_gpu: bool | None = None, address: str | None = None,
+                tta: str | None = None) -> dict:
+    """Batch Grad-CAM over files on a Ray Data actor pool; writes overlays, ``index.csv`` and ``index.html``.
+    ``tta``: the test-time views the predicted grade averages (``None``: the checkpoint's, as ``koa score``)."""
     import ray
 
     from koa_ray.data.ingest import expand_inputs, input_frame
@@ -235,7 +239,7 @@ def run_gradcam(inputs: list[str], checkpoint: str, out: str | Path, *, method: 
     ds = ray.data.from_pandas(frame_blocks(input_frame(files, inputs), batch_size)).map_batches(
         GradCamActor, fn_constructor_kwargs={"checkpoint": ckpt, "out_dir": str(out.resolve()), "method": method,
                                              "target": target, "layer": layer, "save_npy": save_npy,
-                                             "use_gpu": gpu, "threads": actor_threads(concurrency)},
+                                             "use_gpu": gpu, "threads": actor_threads(concurrency), "tta": tta},
         batch_size=batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_gpus=1 if gpu else 0,
         num_cpus=0.5 if not gpu else 1)
