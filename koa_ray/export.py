@@ -27,6 +27,12 @@ def preprocess_spec(meta: dict, fmt: str, checkpoint: str) -> dict:
     prep = pre.get("prep", {})
     roi = prep.get("roi", {})
     size, chans = int(pre["input_size"]), int(pre.get("in_chans", 1))
+    tta = meta.get("tta", "none")
+    to_grade = ["softmax over the 5 logits"]
+    if tta != "none":
+        to_grade.append(f"average p over the test-time views '{tta}' (koa_ray.data.tta; the checkpoint was "
+                        "validated so)")
+    to_grade.append("grade = " + ("round(sum_k k * p_k)" if meta.get("decode") == "expected" else "argmax"))
     steps = ["decode the file to grayscale uint8 (DICOM: apply its VOI LUT / window; 16-bit: percentile window)"]
     if roi.get("enabled"):
         steps.append(f"crop each knee joint box (koa ROI, margin {roi.get('margin')}); `koa roi` writes the boxes")
@@ -43,11 +49,8 @@ def preprocess_spec(meta: dict, fmt: str, checkpoint: str) -> dict:
         "source_checkpoint": checkpoint,
         "input": {"name": "image", "dtype": "float32", "layout": "NCHW", "shape": ["N", chans, size, size]},
         "output": {"name": "logits", "shape": ["N", len(CLASS_NAMES)],
-                   "to_grade": ("softmax over the 5 logits" + (
-                       f"; average p over the test-time views '{meta['tta']}' (koa_ray.data.tta; the checkpoint was "
-                       "validated so)" if meta.get("tta", "none") != "none" else "") + "; grade = " + (
-                       "round(sum_k k * p_k)" if meta.get("decode") == "expected" else "argmax"))},
-        "tta": meta.get("tta", "none"),
+                   "to_grade": "; ".join(to_grade)},
+        "tta": tta,
         "class_names": list(CLASS_NAMES),
         "preprocess": pre,
         "steps": steps,

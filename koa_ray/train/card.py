@@ -27,6 +27,8 @@ def model_card(cfg: dict, best_meta: dict, manifest: dict | None, run_dir: str, 
     model, pre = best_meta.get("model", {}), best_meta.get("preprocess", {})
     prep = pre.get("prep", {})
     roi = prep.get("roi", {})
+    tta = best_meta.get("tta", "none")
+    views = f", averaged over the test-time views {tta!r} (koa_ray.data.tta)" if tta != "none" else ""
     o, loss, bal, aug = cfg["optim"], cfg["loss"], cfg["balance"], cfg["augment"]
     lines = [f"# Model card: {cfg['name']}", "",
              "Kellgren-Lawrence (KL 0-4) grading of a knee joint on a plain radiograph, trained with koa-ray.", "",
@@ -38,9 +40,7 @@ def model_card(cfg: dict, best_meta: dict, manifest: dict | None, run_dir: str, 
              f"resized to {pre.get('input_size')} px, normalised with mean {pre.get('mean')} / std {pre.get('std')}; "
              f"left knees mirrored to the right-knee orientation: {roi.get('mirror_left')} (side from "
              f"{prep.get('side', {}).get('from', 'filename')}).",
-             f"- Output: probabilities of KL0-KL4"
-             f"{', averaged over the test-time views ' + repr(best_meta['tta']) + ' (koa_ray.data.tta)' if best_meta.get('tta', 'none') != 'none' else ''}; "
-             f"grade by {best_meta.get('decode', 'argmax')}.",
+             f"- Output: probabilities of KL0-KL4{views}; grade by {best_meta.get('decode', 'argmax')}.",
              f"- Checkpoint: epoch {int(best_meta.get('epoch', 0)) + 1} of {cfg['epochs']} (best val QWK of the run; "
              f"folder `checkpoint_epoch_{int(best_meta.get('epoch', 0)):04d}` in `{run_dir}`); its `koa.json` "
              "holds this preprocessing, which `koa score`, `koa evaluate` and `koa gradcam` apply.", "",
