@@ -31,7 +31,7 @@ def main() -> None:
     from koa_ray.data.ingest import expand_inputs
     from koa_ray.runtime import init_ray
     from koa_ray.score import score
-    from koa_ray.train.checkpoint import read_meta
+    from koa_ray.checkpoint import read_meta
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-score-"))
     ckpt = a.checkpoint or random_checkpoint(tmp / "ckpt", "densenet121", "cbam", a.size, roi=True)

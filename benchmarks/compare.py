@@ -370,7 +370,7 @@ def random_checkpoint(directory: Path, arch: str, attention: str, size: int, roi
     from koa_ray.data.prep import PrepConfig
     from koa_ray.data.roi import RoiConfig
     from koa_ray.models import build_model
-    from koa_ray.train.checkpoint import save_checkpoint
+    from koa_ray.checkpoint import save_checkpoint
 
     model = build_model(arch=arch, attention=attention, in_chans=1, num_classes=5)
     prep = PrepConfig(image_size=size, roi=RoiConfig(enabled=roi)).to_dict()

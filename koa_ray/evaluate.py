@@ -66,7 +66,7 @@ def predict_split(checkpoint: str, data: str | Path, split: str, tta: str | None
 
     from koa_ray.data.ingest import discover
     from koa_ray.runtime import actor_threads, cluster_gpus, frame_blocks, init_ray
-    from koa_ray.train.checkpoint import resolve_checkpoint
+    from koa_ray.checkpoint import resolve_checkpoint
 
     data = Path(data)
     ckpt = str(resolve_checkpoint(checkpoint).resolve())
@@ -216,7 +216,7 @@ def evaluate(checkpoint: str, data: str | Path, out: str | Path, *, split: str =
     the worst errors per grade, each with its knee box on the whole image) to ``out``; returns the metrics dict.
     ``tta``: the test-time views to average (:mod:`koa_ray.data.tta`); ``None`` takes the checkpoint's (``tta`` in
     its ``koa.json``)."""
-    from koa_ray.train.checkpoint import read_meta, resolve_checkpoint
+    from koa_ray.checkpoint import read_meta, resolve_checkpoint
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,7 @@ def export_model(checkpoint: str | Path, out: str | Path, fmt: str = "onnx", ops
         RuntimeError: the exported model disagrees with PyTorch by more than ``atol``, or ONNX Runtime is missing
             for the check (``pip install onnxruntime``).
     """
-    from koa_ray.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from koa_ray.checkpoint import load_checkpoint, resolve_checkpoint
 
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r}: supported: {', '.join(FORMATS)}")

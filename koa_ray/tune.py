@@ -670,7 +670,7 @@ def _error_summary(trial) -> str:
 
 def _trial_run_artifacts(cfg: TrainConfig, run_dir: Path) -> dict | None:
     """Write the usual run artefacts (best.json, metrics.csv, ...) into a trial's Train run; None if no checkpoint."""
-    from koa_ray.train.checkpoint import META
+    from koa_ray.checkpoint import META
     from koa_ray.train.run import write_run_artifacts
 
     ckpts = sorted(p for p in run_dir.glob("checkpoint_epoch_*") if (p / META).is_file())

@@ -13,7 +13,7 @@ from koa_ray.cli import main
 from koa_ray.data.augment import EvalPreset
 from koa_ray.data.decode import decode_image_column
 from koa_ray.export import export_model, run_onnx
-from koa_ray.train.checkpoint import load_checkpoint, resolve_checkpoint
+from koa_ray.checkpoint import load_checkpoint, resolve_checkpoint
 from koa_ray.train.local import read_split
 
 

@@ -98,7 +98,7 @@ def test_score_resume_after_interruption(ray_session, tiny_run, score_inputs, tm
 
 def test_gradcam_maps_and_hooks_released(tiny_run):
     from koa_ray.explain.gradcam import cam_extractor, compute_cams, target_layer
-    from koa_ray.train.checkpoint import load_checkpoint
+    from koa_ray.checkpoint import load_checkpoint
 
     run, _ = tiny_run
     model, _ = load_checkpoint(run)
@@ -224,7 +224,7 @@ def test_evaluate_prepared_and_raw(ray_session, tiny_run, prepared, synth_dir, t
     # the views were averaged (the tiny model is near-uniform: differences of ~1e-5, far above float noise)
     assert np.abs(shifted[probs].to_numpy() - single[probs].to_numpy()).max() > 5e-6
     # a checkpoint that records its views (tta in koa.json) is evaluated with them when --tta is not given
-    from koa_ray.train.checkpoint import META
+    from koa_ray.checkpoint import META
 
     rec = tmp_path / "ckpt_shift"
     shutil.copytree(run / json.loads((run / "best.json").read_text())["checkpoint"], rec)
@@ -373,7 +373,7 @@ def test_checkpoint_loaders_refuse_code_and_name_truncated_files(tiny_run, tmp_p
     import torch
 
     from koa_ray.inference import Predictor
-    from koa_ray.train.checkpoint import TRAIN_STATE, WEIGHTS, load_checkpoint, load_tensors, resolve_checkpoint
+    from koa_ray.checkpoint import TRAIN_STATE, WEIGHTS, load_checkpoint, load_tensors, resolve_checkpoint
 
     good = resolve_checkpoint(tiny_run[0])
     evil = tmp_path / "evil"

@@ -326,7 +326,7 @@ def test_pretrained_uses_file_placed_in_torch_home(offline):
 def test_unwrap_finds_the_bare_model_inside_compile_and_data_parallel():
     """Checkpoints and the weight EMA read the bare model: a ``torch.compile`` wrapper (``--compile``) must not put
     ``_orig_mod.`` into saved keys, with or without DataParallel/DDP around or inside it."""
-    from koa_ray.train.checkpoint import unwrap
+    from koa_ray.checkpoint import unwrap
 
     model = build_model(TINY)
     compiled = torch.compile(model)  # wrapping is lazy: nothing is compiled until it is called

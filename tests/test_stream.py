@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from koa_ray.config import TrainConfig
-from koa_ray.train.checkpoint import META
+from koa_ray.checkpoint import META
 
 try:
     from helpers import TINY

@@ -14,7 +14,7 @@ import torch
 
 from koa_ray.config import ConfigError, OptimConfig, TrainConfig, load_train_config
 from koa_ray.metrics import classification_metrics
-from koa_ray.train.checkpoint import META, WEIGHTS, resolve_checkpoint
+from koa_ray.checkpoint import META, WEIGHTS, resolve_checkpoint
 
 try:
     from helpers import TINY, read_tensorboard_scalars, val_predictions
@@ -291,7 +291,7 @@ def test_local_training_with_weight_ema_saves_and_resumes_both_weights(prepared,
     """With ``optim.ema_decay``, model.pt is the average (and reproduces the logged val metrics), train_state.pt
     carries the raw weights, and a resumed run continues from both."""
     from koa_ray.train.local import fit_local
-    from koa_ray.train.checkpoint import TRAIN_STATE
+    from koa_ray.checkpoint import TRAIN_STATE
 
     cfg = TrainConfig(data=str(prepared), out=str(tmp_path), name="ema", epochs=2,
                       **{**TINY, "optim": OptimConfig(lr=3e-3, ema_decay=0.99)})
@@ -375,7 +375,7 @@ def test_local_training_killed_resumes_from_the_last_complete_checkpoint(prepare
     import signal
     import time
 
-    from koa_ray.train.checkpoint import TRAIN_STATE
+    from koa_ray.checkpoint import TRAIN_STATE
 
     run = tmp_path / "runs" / "kill"
     cmd = [sys.executable, "-m", "koa_ray.cli", "train", "--local", "--data", str(prepared), "--out",
@@ -429,7 +429,7 @@ def test_ray_training_killed_resumes_from_the_last_checkpoint(prepared, tmp_path
     import signal
     import time
 
-    from koa_ray.train.checkpoint import TRAIN_STATE
+    from koa_ray.checkpoint import TRAIN_STATE
 
     run = tmp_path / "runs" / "rkill"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}

@@ -316,7 +316,7 @@ def test_best_config_reproduces_best_trial(sweep):
         assert (v is None and (isinstance(row[k], float) and math.isnan(row[k]))) or v == pytest.approx(row[k]) \
             or v == row[k]
     # the sweep folder resolves to the best checkpoint, like a run folder
-    from koa_ray.train.checkpoint import resolve_checkpoint
+    from koa_ray.checkpoint import resolve_checkpoint
 
     assert resolve_checkpoint(out) == (out / best["checkpoint"])
     assert Path(best["checkpoint_path"]).is_dir()
