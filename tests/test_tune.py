@@ -22,8 +22,9 @@ import yaml
 from ray.tune import Callback
 
 from koa_ray.config import ConfigError, TrainConfig, load_train_config
-from koa_ray.tune import (DEFAULT_SPACE, MINORITY_KEY, _patience_hit, apply_params, auto_concurrency,
-                          fit_trial_cpus, load_space, validate_space)
+from koa_ray.tune import (DEFAULT_SPACE, MINORITY_KEY, apply_params, auto_concurrency, fit_trial_cpus, load_space,
+                          validate_space)
+from koa_ray.tune.summary import _patience_hit
 
 MAX_EPOCHS = 2
 WORKERS = 1
