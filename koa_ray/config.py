@@ -15,8 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from koa_ray import TTA_MODES
-from koa_ray.metrics import DECODINGS
+from koa_ray import ARCHS, ATTENTIONS, DECODINGS, TTA_MODES
 
 
 class ConfigError(ValueError):
@@ -35,12 +34,10 @@ class ModelConfig:
     memory_efficient: bool = False  # gradient-checkpoint the dense layers: less GPU memory, ~20 % slower
 
     def validate(self):
-        from koa_ray.models import ARCHS
-
         if self.arch not in ARCHS:
             raise ConfigError(f"model.arch={self.arch!r}: supported: {sorted(ARCHS)}")
-        if self.attention not in ("none", "se", "cbam", "se+cbam"):
-            raise ConfigError(f"model.attention={self.attention!r}: supported: none, se, cbam, se+cbam")
+        if self.attention not in ATTENTIONS:
+            raise ConfigError(f"model.attention={self.attention!r}: supported: {', '.join(ATTENTIONS)}")
         if self.reduction < 1:
             raise ConfigError(f"model.reduction={self.reduction}: must be >= 1")
         if not 0 <= self.drop_rate < 1:

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from koa_ray import DECODINGS
+
 __all__ = [
     "calibration",
     "classification_metrics",
@@ -78,9 +80,6 @@ def expected_grade(probs: Any) -> np.ndarray:
     if p.ndim not in (1, 2):
         raise ValueError(f"probs must have shape (K,) or (N, K), got {p.shape}.")
     return p @ np.arange(p.shape[-1], dtype=np.float64)
-
-
-DECODINGS: tuple[str, ...] = ("argmax", "expected")
 
 
 def decode_grades(probs: Any, how: str = "argmax") -> np.ndarray:

@@ -190,6 +190,21 @@ def test_archs_registry():
     assert {"densenet121", "densenet_tiny"} <= set(ARCHS)
 
 
+def test_the_package_names_and_the_model_registries_are_the_same():
+    """``koa_ray.ARCHS`` / ``ATTENTIONS`` (what config validation accepts) are exactly what the builder builds."""
+    import koa_ray
+    from koa_ray.models.densenet import _ARCH_SPECS
+
+    assert tuple(_ARCH_SPECS) == koa_ray.ARCHS == ARCHS
+    assert ATTENTIONS == koa_ray.ATTENTIONS
+    for name in ARCHS:  # each name builds; a name outside the lists is refused by config and builder alike
+        assert sum(p.numel() for p in build_model(name, attention="none").parameters()) > 0
+    with pytest.raises(ValueError, match="choose one of"):
+        build_model("densenet201")
+    with pytest.raises(ValueError, match="choose one of"):
+        create_attention("eca", 16)
+
+
 # --------------------------------------------------------------------------- build_config / weights
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from koa_ray import ATTENTIONS
+
 __all__ = [
     "ATTENTIONS",
     "CBAM",
@@ -28,8 +30,6 @@ __all__ = [
     "reduced_channels",
 ]
 
-#: Attention names accepted by :func:`create_attention`.
-ATTENTIONS: tuple[str, ...] = ("none", "se", "cbam", "se+cbam")
 
 #: Smallest bottleneck width of the SE / channel-attention MLP (as timm's ``rd_divisor``).
 MIN_REDUCED_CHANNELS = 8

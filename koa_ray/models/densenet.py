@@ -32,7 +32,8 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-from koa_ray.models.blocks import ATTENTIONS, create_attention
+from koa_ray import ARCHS, ATTENTIONS
+from koa_ray.models.blocks import create_attention
 
 __all__ = [
     "ARCHS",
@@ -64,15 +65,13 @@ class ArchSpec:
     imagenet_weights: str | None = None
 
 
+#: The registry behind :data:`koa_ray.ARCHS` (the names :func:`build_model` accepts), keyed by those names.
 _ARCH_SPECS: dict[str, ArchSpec] = {
     "densenet121": ArchSpec(32, (6, 12, 24, 16), 64, 4, "DenseNet121_Weights"),
     "densenet169": ArchSpec(32, (6, 12, 32, 32), 64, 4, "DenseNet169_Weights"),
     # Same code, a few thousand parameters: trains on CPU at 64 px in the tests.
     "densenet_tiny": ArchSpec(12, (2, 2, 2, 2), 16, 2, None),
 }
-
-#: Architecture names accepted by :func:`build_model`.
-ARCHS: tuple[str, ...] = tuple(_ARCH_SPECS)
 
 # Pre-0.4 torchvision checkpoints (including the ImageNet files still served today) name
 # dense-layer modules "norm.1", "conv.2", ... ; modern modules are "norm1", "conv2".
