@@ -27,7 +27,7 @@ class EvalActor:
     """Ray Data actor for evaluation: prepared crops (``image`` column) or raw files (``path`` column)."""
 
     def __init__(self, checkpoint: str, tta: str | None = None, use_gpu: bool = False, threads: int = 1):
-        from koa_ray.inference import Predictor
+        from koa_ray.infer.predictor import Predictor
         from koa_ray.runtime import set_actor_threads
 
         set_actor_threads(threads)
@@ -42,7 +42,7 @@ class EvalActor:
             probs = self.p.predict(crops, tta=self.tta)
             return _rows(batch["path"], batch["label"], probs, batch.get("side", pd.Series([""] * len(batch))),
                          self.p.grades(probs))
-        from koa_ray.score import score_rows
+        from koa_ray.infer.score import score_rows
 
         scored = score_rows(self.p, batch["path"].tolist(), self.tta, batch.get("side"))
         labels = dict(zip(batch["path"], batch["label"]))
@@ -164,8 +164,8 @@ def gradcam_examples(checkpoint: str, preds: pd.DataFrame, data: Path, per_grade
     """A few Grad-CAM overlays per true grade, computed in-process, each with the whole image and its knee box:
     ``[{"grade", "caption", "png", "film"}]`` (base64 PNGs; ``film`` may be ``None``). The predicted grade in a
     caption is the one ``predictions.csv`` holds: the checkpoint's decoding over the ``tta`` views."""
-    from koa_ray.explain.gradcam import compute_cams, overlay
-    from koa_ray.inference import Predictor
+    from koa_ray.infer.gradcam import compute_cams, overlay
+    from koa_ray.infer.predictor import Predictor
 
     p = Predictor(checkpoint, device="cpu")
     picks = preds[preds.status == "ok"].groupby("label", group_keys=False).head(per_grade)
@@ -187,7 +187,7 @@ def gradcam_examples(checkpoint: str, preds: pd.DataFrame, data: Path, per_grade
 def error_gallery(checkpoint: str, preds: pd.DataFrame, data: Path, per_grade: int) -> list[dict]:
     """The worst misgradings per true grade: farthest from the true grade first, then the most confident; each with
     the crop the model saw and the whole image with its knee box. ``[{"grade", "caption", "png", "film"}]``."""
-    from koa_ray.inference import Predictor
+    from koa_ray.infer.predictor import Predictor
 
     wrong = preds[(preds.status == "ok") & (preds.grade != preds.label)].copy()
     if wrong.empty or per_grade <= 0:
