@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/bench_score.py [--checkpoint RUN_OR_CKPT] [--input DIR] [--n 256] [--concurrency 1]
 
-End to end = ``koa_ray.score.score`` on image files: listing, decode, ROI, crop, normalise, forward, CSV (Ray already
-started, so Ray start-up is not counted; actor start-up and model load are). Bare forward = the same model on a
-ready tensor batch of the same size, warm, ``torch.no_grad``. Without --checkpoint a randomly initialised
+End to end = ``koa_ray.infer.score.score`` on image files: listing, decode, ROI, crop, normalise, forward, CSV
+(Ray already started, so Ray start-up is not counted; actor start-up and model load are). Bare forward = the same
+model on a ready tensor batch of the same size, warm, ``torch.no_grad``. Without --checkpoint a randomly initialised
 DenseNet121+CBAM checkpoint at 224 px is written; without --input a synthetic set of --n radiographs is generated.
 """
 
@@ -30,7 +30,7 @@ def main() -> None:
 
     from koa_ray.data.ingest import expand_inputs
     from koa_ray.runtime import init_ray
-    from koa_ray.score import score
+    from koa_ray.infer.score import score
     from koa_ray.checkpoint import read_meta
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-score-"))

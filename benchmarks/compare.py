@@ -263,7 +263,7 @@ def bare_forward(checkpoint: str, batch: int, seconds: float) -> float:
     """img/s of the checkpoint's model alone on a ready tensor batch (warm, ``no_grad``, this process's threads)."""
     import torch
 
-    from koa_ray.inference import Predictor
+    from koa_ray.infer.predictor import Predictor
 
     pred = Predictor(checkpoint, device="cpu")
     pre = pred.meta["preprocess"]
@@ -284,7 +284,7 @@ def run_score(a: dict) -> dict:
 
     from koa_ray.data.ingest import expand_inputs
     from koa_ray.runtime import init_ray
-    from koa_ray.score import score
+    from koa_ray.infer.score import score
 
     n_files = len(expand_inputs([a["input"]]))
     torch.set_num_threads(a["threads"])
@@ -339,7 +339,7 @@ def actor_forward(checkpoint: str, batch: int, seconds: float) -> float:
 
 def run_score_rss(a: dict) -> dict:
     from koa_ray.runtime import init_ray
-    from koa_ray.score import score
+    from koa_ray.infer.score import score
 
     init_ray(num_cpus=2)
     t = time.perf_counter()

@@ -110,7 +110,7 @@ def cmd_train(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
-    from koa_ray.evaluate import evaluate
+    from koa_ray.infer.evaluate import evaluate
 
     m = evaluate(a.checkpoint, a.data, a.out, split=a.split, tta=a.tta, batch_size=a.batch_size,
                  concurrency=a.concurrency, address=a.address, gradcam_per_grade=a.gradcam_examples)
@@ -130,7 +130,7 @@ def _batch_exit_code(summary: dict, n_ok: int, listing: str) -> int:
 
 
 def cmd_score(a) -> int:
-    from koa_ray.score import score
+    from koa_ray.infer.score import score
 
     summary = score(a.input, a.checkpoint, a.out, batch_size=a.batch_size, concurrency=a.concurrency,
                     resume=a.resume, tta=a.tta, address=a.address, threads=a.threads)
@@ -141,7 +141,7 @@ def cmd_score(a) -> int:
 
 
 def cmd_gradcam(a) -> int:
-    from koa_ray.explain.gradcam import run_gradcam
+    from koa_ray.infer.gradcam import run_gradcam
 
     summary = run_gradcam(a.input, a.checkpoint, a.out, method=a.method, target=a.target, layer=a.layer,
                           save_npy=a.npy, batch_size=a.batch_size, concurrency=a.concurrency, address=a.address,
@@ -166,7 +166,7 @@ def cmd_tune(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from koa_ray.export import export_model
+    from koa_ray.infer.export import export_model
 
     r = export_model(a.checkpoint, a.out, fmt=a.format, opset=a.opset)
     print(f"exported {r['format']}: {r['model']} (largest logit difference from PyTorch {r['max_abs_logit_diff']:.1e})")

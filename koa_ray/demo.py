@@ -13,7 +13,7 @@ def run_demo(out: str | Path = "demo_out", *, n: int = 600, epochs: int = 15, wo
              arch: str = "densenet_tiny") -> dict:
     from koa_ray.data.prep import PrepConfig, prepare
     from koa_ray.data.synthetic import make_dataset
-    from koa_ray.evaluate import evaluate
+    from koa_ray.infer.evaluate import evaluate
     from koa_ray.runtime import init_ray
     from koa_ray.train.driver import fit
 

@@ -12,7 +12,7 @@ import torch
 from koa_ray.cli import main
 from koa_ray.data.augment import EvalPreset
 from koa_ray.data.decode import decode_image_column
-from koa_ray.export import export_model, run_onnx
+from koa_ray.infer.export import export_model, run_onnx
 from koa_ray.checkpoint import load_checkpoint, resolve_checkpoint
 from koa_ray.train.local import read_split
 
@@ -61,7 +61,7 @@ def test_export_cli_and_bad_format(tiny_run, tmp_path, capsys):
 def test_export_spec_names_the_test_time_views(tiny_run):
     """A checkpoint with test-time views (``tta``) exports a single-view model; ``preprocess.json`` tells the other
     runtime which views to average, as ``koa score`` does."""
-    from koa_ray.export import preprocess_spec
+    from koa_ray.infer.export import preprocess_spec
 
     run, _ = tiny_run
     _, meta = load_checkpoint(run)

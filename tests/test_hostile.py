@@ -94,7 +94,7 @@ def test_prepare_accounts_for_every_hostile_input(hostile, tmp_path):
 
 
 def test_score_accounts_for_every_hostile_input(ray_session, tiny_run, hostile, tmp_path):
-    from koa_ray.score import score
+    from koa_ray.infer.score import score
 
     root, good = hostile
     out = tmp_path / "s.csv"
@@ -108,7 +108,7 @@ def test_score_accounts_for_every_hostile_input(ray_session, tiny_run, hostile, 
 
 
 def test_gradcam_accounts_for_every_hostile_input(ray_session, tiny_run, hostile, tmp_path):
-    from koa_ray.explain.gradcam import run_gradcam
+    from koa_ray.infer.gradcam import run_gradcam
 
     root, good = hostile
     summary = run_gradcam([str(root / "2")], str(tiny_run[0]), tmp_path / "cam", batch_size=4)
@@ -123,7 +123,7 @@ def test_gradcam_accounts_for_every_hostile_input(ray_session, tiny_run, hostile
 def test_evaluate_on_a_hostile_labelled_folder(ray_session, tiny_run, hostile, tmp_path):
     """An external labelled folder (``DIR/2/*``) with hostile files: the good knees are evaluated, every bad file is
     listed in predictions.csv with its reason, and the metrics count only the good ones."""
-    from koa_ray.evaluate import evaluate
+    from koa_ray.infer.evaluate import evaluate
 
     root, good = hostile
     m = evaluate(str(tiny_run[0]), root, tmp_path / "ev", gradcam_per_grade=0)

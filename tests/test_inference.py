@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from koa_ray.score import SCORE_COLUMNS, score
+from koa_ray.infer.score import SCORE_COLUMNS, score
 
 try:
     from films import stitched_film
@@ -82,7 +82,7 @@ def test_score_resume_after_interruption(ray_session, tiny_run, score_inputs, tm
     again = score([str(root)], str(run), part, batch_size=4, resume=True)
     assert again["n_new_files"] == 0 and again["n_rows"] == len(b)
     # killed after writing the output and before removing its parts: both are there; resume keeps each path once
-    from koa_ray.score import parts_dir
+    from koa_ray.infer.score import parts_dir
 
     parts_dir(part).mkdir()
     pd.read_parquet(part).iloc[::-1].to_parquet(parts_dir(part) / "part-00000.parquet")
@@ -97,7 +97,7 @@ def test_score_resume_after_interruption(ray_session, tiny_run, score_inputs, tm
 
 
 def test_gradcam_maps_and_hooks_released(tiny_run):
-    from koa_ray.explain.gradcam import cam_extractor, compute_cams, target_layer
+    from koa_ray.infer.gradcam import cam_extractor, compute_cams, target_layer
     from koa_ray.checkpoint import load_checkpoint
 
     run, _ = tiny_run
@@ -126,7 +126,7 @@ def test_gradcam_maps_and_hooks_released(tiny_run):
 
 
 def test_gradcam_job_writes_overlays_and_index(ray_session, tiny_run, score_inputs, tmp_path):
-    from koa_ray.explain.gradcam import run_gradcam
+    from koa_ray.infer.gradcam import run_gradcam
 
     run, _ = tiny_run
     root, n_single = score_inputs
@@ -158,7 +158,7 @@ def test_gradcam_job_writes_overlays_and_index(ray_session, tiny_run, score_inpu
 
 
 def test_evaluate_prepared_and_raw(ray_session, tiny_run, prepared, synth_dir, tmp_path):
-    from koa_ray.evaluate import evaluate
+    from koa_ray.infer.evaluate import evaluate
 
     run, _ = tiny_run
     m = evaluate(str(run), prepared, tmp_path / "ev", split="test", gradcam_per_grade=1)
@@ -257,7 +257,7 @@ def test_cli_exit_code_when_every_input_fails(ray_session, tiny_run, tmp_path, m
 def test_evaluate_unsplit_labelled_folder_evaluates_every_image(ray_session, tiny_run, synth_dir, tmp_path, capsys):
     """An external test set laid out as DIR/{0..4}/* is evaluated whole (never re-split by patient), and says so;
     the predictions recompute to the written metrics."""
-    from koa_ray.evaluate import evaluate
+    from koa_ray.infer.evaluate import evaluate
     from koa_ray.metrics import classification_metrics
 
     run, _ = tiny_run
@@ -282,8 +282,8 @@ def test_raw_file_and_prepared_crop_give_the_same_probabilities(tiny_run, prepar
     import pyarrow.parquet as pq
 
     from koa_ray.data.decode import decode_image_column
-    from koa_ray.inference import Predictor
-    from koa_ray.score import score_rows
+    from koa_ray.infer.predictor import Predictor
+    from koa_ray.infer.score import score_rows
 
     run, _ = tiny_run
     p = Predictor(run, device="cpu")
@@ -303,7 +303,7 @@ def test_raw_file_and_prepared_crop_give_the_same_probabilities(tiny_run, prepar
 def test_score_takes_the_side_from_a_manifest(ray_session, tiny_run, synth_dir, tmp_path):
     """A knee whose side is given by a manifest's ``side`` column (its file name carries none) is mirrored as the
     same knee under its OAI-style name: same side, same probabilities; without the manifest it is not mirrored."""
-    from koa_ray.score import score
+    from koa_ray.infer.score import score
 
     run, _ = tiny_run
     left = sorted(p for p in (synth_dir / "val").rglob("*.png") if p.stem.endswith("L"))[:2]
@@ -332,7 +332,7 @@ def test_bilateral_film_of_real_knees_gives_two_knees_everywhere(ray_session, ti
     the patient's right on the image-left, with the same boxes."""
     from koa_ray.cli import main
     from koa_ray.data.roi import box_iou
-    from koa_ray.explain.gradcam import run_gradcam
+    from koa_ray.infer.gradcam import run_gradcam
 
     run, _ = tiny_run
     right, left = sorted(REAL.glob("val/2/*R.jpg"))[0], sorted(REAL.glob("val/3/*L.jpg"))[0]
@@ -372,7 +372,7 @@ def test_checkpoint_loaders_refuse_code_and_name_truncated_files(tiny_run, tmp_p
     that names the file. Both through every loader: load_checkpoint (score/evaluate/gradcam) and resume."""
     import torch
 
-    from koa_ray.inference import Predictor
+    from koa_ray.infer.predictor import Predictor
     from koa_ray.checkpoint import TRAIN_STATE, WEIGHTS, load_checkpoint, load_tensors, resolve_checkpoint
 
     good = resolve_checkpoint(tiny_run[0])
@@ -401,8 +401,8 @@ def test_inference_actors_compute_with_their_share_of_the_cores(tiny_run, monkey
     import os
 
     import koa_ray.runtime as rt
-    from koa_ray.evaluate import EvalActor
-    from koa_ray.score import ScoreActor
+    from koa_ray.infer.evaluate import EvalActor
+    from koa_ray.infer.score import ScoreActor
 
     monkeypatch.setattr(rt, "cluster_cpus", lambda: 8.0)
     assert [rt.actor_threads(c) for c in (1, 3, 16)] == [8, 2, 1]

@@ -231,7 +231,7 @@ def test_flip_averaged_validation_is_what_the_checkpoint_predicts_by_default(pre
     logged val figures and loss; ``tta="none"`` still gives the single view."""
     from koa_ray.config import AugmentConfig
     from koa_ray.data.decode import decode_image_column
-    from koa_ray.inference import Predictor
+    from koa_ray.infer.predictor import Predictor
     from koa_ray.train.local import fit_local, read_split
 
     cfg = TrainConfig(data=str(prepared), out=str(tmp_path), name="tta", epochs=3, tta="flip",

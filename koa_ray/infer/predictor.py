@@ -1,8 +1,8 @@
 """Inference from a checkpoint with exactly the preprocessing recorded in it.
 
 :class:`Predictor` loads a checkpoint once and turns raw files (decode → ROI → crop, as in ``koa prepare``) or
-already-prepared crops into class probabilities. Ray Data actors in :mod:`koa_ray.score` and
-:mod:`koa_ray.explain.gradcam` each hold one.
+already-prepared crops into class probabilities. The Ray Data actors of the sibling modules
+(:mod:`koa_ray.infer.score`, :mod:`koa_ray.infer.evaluate`, :mod:`koa_ray.infer.gradcam`) each hold one.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ def _error_row(path: str, reason: str, model: str) -> dict:
 
 
 def score_rows(predictor, paths, tta: str | None = None, sides=None) -> pd.DataFrame:
-    """Score a list of files with a loaded :class:`~koa_ray.inference.Predictor` (no Ray). ``sides``: optional
+    """Score a list of files with a loaded :class:`~koa_ray.infer.predictor.Predictor` (no Ray). ``sides``: optional
     'L'/'R'/'' per path (from a manifest); empty means the side is parsed from the file name. ``tta``: the
     test-time views to average (:mod:`koa_ray.data.tta`); ``None`` takes the checkpoint's."""
     from koa_ray.data.decode import DecodeError
@@ -57,7 +57,7 @@ class ScoreActor:
     """Ray Data actor: one model per actor, batches of paths in, score rows out."""
 
     def __init__(self, checkpoint: str, use_gpu: bool = False, tta: str | None = None, threads: int = 1):
-        from koa_ray.inference import Predictor
+        from koa_ray.infer.predictor import Predictor
         from koa_ray.runtime import set_actor_threads
 
         set_actor_threads(threads)

@@ -2,14 +2,12 @@
 
 ``data`` may be a prepared dataset (``koa prepare`` output: the stored crops are used) or a raw labelled folder /
 manifest (decoded and ROI-cropped with the checkpoint's recorded preprocessing). Predictions run on a Ray Data actor
-pool; metrics are pure maths from :mod:`koa_ray.metrics`.
+pool; metrics are pure maths from :mod:`koa_ray.metrics`. The report's examples (Grad-CAM overlays, worst errors)
+are selected and computed here; the page itself is rendered by :mod:`koa_ray.infer.report`.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from koa_ray import CLASS_NAMES
+from koa_ray.infer.report import _png_b64, _upscale, write_report
 from koa_ray.metrics import calibration, classification_metrics
 from koa_ray.plots import plot_confusion, plot_reliability
 
@@ -27,7 +26,7 @@ class EvalActor:
     """Ray Data actor for evaluation: prepared crops (``image`` column) or raw files (``path`` column)."""
 
     def __init__(self, checkpoint: str, tta: str | None = None, use_gpu: bool = False, threads: int = 1):
-        from koa_ray.inference import Predictor
+        from koa_ray.infer.predictor import Predictor
         from koa_ray.runtime import set_actor_threads
 
         set_actor_threads(threads)
@@ -42,7 +41,7 @@ class EvalActor:
             probs = self.p.predict(crops, tta=self.tta)
             return _rows(batch["path"], batch["label"], probs, batch.get("side", pd.Series([""] * len(batch))),
                          self.p.grades(probs))
-        from koa_ray.score import score_rows
+        from koa_ray.infer.score import score_rows
 
         scored = score_rows(self.p, batch["path"].tolist(), self.tta, batch.get("side"))
         labels = dict(zip(batch["path"], batch["label"]))
@@ -101,14 +100,6 @@ def predict_split(checkpoint: str, data: str | Path, split: str, tta: str | None
     return ds.to_pandas().sort_values("path", kind="stable").reset_index(drop=True)
 
 
-def _png_b64(rgb: np.ndarray) -> str:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def _examples_input(p, picks: pd.DataFrame, data: Path) -> tuple[np.ndarray, list[np.ndarray | None]]:
     """The crops the model saw for ``picks`` and, for each, the whole image with its knee box drawn (``None`` when
     the original file is gone): from the prepared Parquet (crop and box as stored) or from the raw files."""
@@ -150,22 +141,13 @@ def _examples_input(p, picks: pd.DataFrame, data: Path) -> tuple[np.ndarray, lis
     return np.stack(crops), films
 
 
-def _upscale(gray: np.ndarray, width: int = 256) -> np.ndarray:
-    import cv2
-
-    h, w = gray.shape[:2]
-    if w >= width:
-        return gray
-    return cv2.resize(gray, (width, int(round(h * width / w))), interpolation=cv2.INTER_NEAREST)
-
-
 def gradcam_examples(checkpoint: str, preds: pd.DataFrame, data: Path, per_grade: int,
                      tta: str | None = None) -> list[dict]:
     """A few Grad-CAM overlays per true grade, computed in-process, each with the whole image and its knee box:
     ``[{"grade", "caption", "png", "film"}]`` (base64 PNGs; ``film`` may be ``None``). The predicted grade in a
     caption is the one ``predictions.csv`` holds: the checkpoint's decoding over the ``tta`` views."""
-    from koa_ray.explain.gradcam import compute_cams, overlay
-    from koa_ray.inference import Predictor
+    from koa_ray.infer.gradcam import compute_cams, overlay
+    from koa_ray.infer.predictor import Predictor
 
     p = Predictor(checkpoint, device="cpu")
     picks = preds[preds.status == "ok"].groupby("label", group_keys=False).head(per_grade)
@@ -187,7 +169,7 @@ def gradcam_examples(checkpoint: str, preds: pd.DataFrame, data: Path, per_grade
 def error_gallery(checkpoint: str, preds: pd.DataFrame, data: Path, per_grade: int) -> list[dict]:
     """The worst misgradings per true grade: farthest from the true grade first, then the most confident; each with
     the crop the model saw and the whole image with its knee box. ``[{"grade", "caption", "png", "film"}]``."""
-    from koa_ray.inference import Predictor
+    from koa_ray.infer.predictor import Predictor
 
     wrong = preds[(preds.status == "ok") & (preds.grade != preds.label)].copy()
     if wrong.empty or per_grade <= 0:
@@ -242,60 +224,3 @@ def evaluate(checkpoint: str, data: str | Path, out: str | Path, *, split: str =
     write_report(out / "report.html", metrics, per_class, examples, ckpt, meta, split, tta,
                  n_errors=int((preds.status == "error").sum()), cal=cal, gallery=errors)
     return metrics
-
-
-def _tiles(items: list[dict], empty: str) -> str:
-    """Figures grouped by true grade: the image, the whole film with its knee box below, one caption."""
-    out = ""
-    for g in range(5):
-        figs = []
-        for it in items:
-            if it["grade"] != g:
-                continue
-            film = (f"<img class='film' src='data:image/png;base64,{it['film']}' alt='knee box on the whole image'>"
-                    if it.get("film") else "")
-            figs.append(f"<figure><img src='data:image/png;base64,{it['png']}' alt='{html.escape(it['caption'])}'>"
-                        f"{film}<figcaption>{html.escape(it['caption'])}</figcaption></figure>")
-        if figs:
-            out += f"<h3>True grade KL{g}</h3><div class='tiles'>" + "".join(figs) + "</div>"
-    return out or f"<p>{empty}</p>"
-
-
-def write_report(path: Path, metrics: dict, per_class: pd.DataFrame, examples, ckpt: Path, meta: dict, split: str,
-                 tta: str, n_errors: int, cal: dict | None = None, gallery: list[dict] | None = None) -> None:
-    cm_b64 = base64.b64encode((path.parent / "confusion_matrix.png").read_bytes()).decode()
-    rel = path.parent / "reliability.png"
-    rel_html = (f"<p>Expected calibration error <b>{cal['ece']:.3f}</b> (maximum {cal['mce']:.3f}, 10 bins, top "
-                "label; Guo et al. 2017). Where a bin's red outline (mean confidence) stands above its blue bar (accuracy), the "
-                "model is more confident than it is right; below, less."
-                f"</p><img class='plot' src='data:image/png;base64,{base64.b64encode(rel.read_bytes()).decode()}'>"
-                if cal is not None and rel.is_file() else "<p>not computed</p>")
-    rows = [(k, metrics[k]) for k in ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall", "macro_f1",
-                                      "qwk", "mae")]
-    if cal is not None:
-        rows.append(("ece", cal["ece"]))
-    summary = "".join(f"<tr><th>{k}</th><td>{v:.4f}</td></tr>" for k, v in rows)
-    model = meta["model"]
-    doc = f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>koa-ray evaluation</title><style>
-body{{font-family:system-ui,sans-serif;max-width:1150px;margin:auto;padding:0 12px;color:#222}}
-table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
-.tiles{{display:flex;flex-wrap:wrap;gap:10px}} figure{{margin:0;width:220px}}
-figure img{{width:220px;display:block;image-rendering:auto}} figure img.film{{margin-top:3px}}
-figcaption{{font-size:13px;line-height:1.3;margin-top:3px;word-break:break-word}} img.plot{{max-width:100%}}
-</style></head><body>
-<h1>Evaluation: {html.escape(ckpt.parent.name)}/{html.escape(ckpt.name)}</h1>
-<p>split <b>{html.escape(split)}</b>, n = {metrics['n']}{f' (TTA: {html.escape(tta)})' if tta != 'none' else ''}; unreadable inputs: {n_errors};
-model {html.escape(model['arch'])} + {html.escape(model['attention'])}, input {meta['preprocess']['input_size']} px,
-epoch {meta.get('epoch')}</p>
-<table>{summary}</table>
-<h2>Confusion matrix</h2><img class="plot" src="data:image/png;base64,{cm_b64}">
-<h2>Per grade</h2>{per_class.to_html(index=False, float_format=lambda v: f'{v:.3f}')}
-<h2>Calibration</h2>{rel_html}
-<h2>Grad-CAM examples (by true grade)</h2>
-<p>Heat: where the evidence for the predicted grade lies. Below each: the whole image with the knee box the model
-was given.</p>{_tiles(examples, 'none')}
-<h2>Worst errors (by true grade)</h2>
-<p>Farthest from the true grade first, then most confident; the crop the model saw, and its knee box.</p>
-{_tiles(gallery or [], 'no misgraded knee')}
-</body></html>"""
-    path.write_text(doc)

@@ -1,4 +1,5 @@
-"""Grad-CAM family explanations (pytorch-grad-cam), in-process and as a batch Ray Data job.
+"""Grad-CAM family explanations (pytorch-grad-cam), in-process and as a batch Ray Data job (``koa gradcam``,
+``jobs/gradcam.py``).
 
 Default target layer: the attention block after the last dense block (``model.gradcam_target_layer``). Hooks are
 owned by :func:`cam_extractor`, a context manager that always releases them — also when the computation raises
@@ -104,7 +105,7 @@ class GradCamActor:
     def __init__(self, checkpoint: str, out_dir: str, method: str = "gradcam", target: str = "predicted",
                  layer: str | None = None, save_npy: bool = False, use_gpu: bool = False, threads: int = 1,
                  tta: str | None = None):
-        from koa_ray.inference import Predictor
+        from koa_ray.infer.predictor import Predictor
         from koa_ray.runtime import set_actor_threads
 
         set_actor_threads(threads)
