@@ -1,5 +1,9 @@
 """Checkpoints as directories: weights beside everything needed to rebuild model and preprocessing.
 
+The contract between training and inference: :mod:`koa_ray.train` writes checkpoints with :func:`save_checkpoint`,
+:mod:`koa_ray.infer` reads them with :func:`load_checkpoint`; this module imports only the models, so neither side
+reaches into the other.
+
 Layout of a checkpoint directory::
 
     model.pt         state dict of the bare model (no DDP prefix); ``torch.load(path, weights_only=True)`` safe;

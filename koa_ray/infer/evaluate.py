@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from koa_ray import CLASS_NAMES
-from koa_ray.infer.report import _png_b64, _upscale, write_report
+from koa_ray.infer.report import png_b64, upscale_gray, write_report
 from koa_ray.metrics import calibration, classification_metrics
 from koa_ray.plots import plot_confusion, plot_reliability
 
@@ -160,8 +160,8 @@ def gradcam_examples(checkpoint: str, preds: pd.DataFrame, data: Path, per_grade
     out = []
     for row, crop, cam, pr, pred, film in zip(picks.itertuples(), crops, maps, probs, grades, films):
         pred = int(pred)
-        out.append({"grade": int(row.label), "png": _png_b64(overlay(crop, cam, None)),
-                    "film": _png_b64(film) if film is not None else None,
+        out.append({"grade": int(row.label), "png": png_b64(overlay(crop, cam, None)),
+                    "film": png_b64(film) if film is not None else None,
                     "caption": f"true KL{row.label}, predicted KL{pred} (p {pr[pred]:.2f}) - {Path(row.path).name}"})
     return out
 
@@ -183,8 +183,8 @@ def error_gallery(checkpoint: str, preds: pd.DataFrame, data: Path, per_grade: i
     crops, films = _examples_input(p, picks, data)
     out = []
     for row, crop, film in zip(picks.itertuples(), crops, films):
-        rgb = np.repeat(_upscale(crop)[..., None], 3, axis=2)
-        out.append({"grade": int(row.label), "png": _png_b64(rgb), "film": _png_b64(film) if film is not None else None,
+        rgb = np.repeat(upscale_gray(crop)[..., None], 3, axis=2)
+        out.append({"grade": int(row.label), "png": png_b64(rgb), "film": png_b64(film) if film is not None else None,
                     "caption": f"true KL{row.label}, predicted KL{int(row.grade)} (p {row.confidence:.2f}) - "
                                f"{Path(row.path).name}"})
     return out

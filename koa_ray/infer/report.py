@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 
-def _png_b64(rgb: np.ndarray) -> str:
+def png_b64(rgb: np.ndarray) -> str:
     from PIL import Image
 
     buf = io.BytesIO()
@@ -24,7 +24,7 @@ def _png_b64(rgb: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _upscale(gray: np.ndarray, width: int = 256) -> np.ndarray:
+def upscale_gray(gray: np.ndarray, width: int = 256) -> np.ndarray:
     import cv2
 
     h, w = gray.shape[:2]
