@@ -28,10 +28,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224, help="input size of the random checkpoint")
     a = ap.parse_args()
 
-    from koa_ray.data.ingest import expand_inputs
-    from koa_ray.runtime import init_ray
-    from koa_ray.infer.score import score
     from koa_ray.checkpoint import read_meta
+    from koa_ray.data.ingest import expand_inputs
+    from koa_ray.infer.score import score
+    from koa_ray.runtime import init_ray
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-score-"))
     ckpt = a.checkpoint or random_checkpoint(tmp / "ckpt", "densenet121", "cbam", a.size, roi=True)

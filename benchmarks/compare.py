@@ -283,8 +283,8 @@ def run_score(a: dict) -> dict:
     import torch
 
     from koa_ray.data.ingest import expand_inputs
-    from koa_ray.runtime import init_ray
     from koa_ray.infer.score import score
+    from koa_ray.runtime import init_ray
 
     n_files = len(expand_inputs([a["input"]]))
     torch.set_num_threads(a["threads"])
@@ -338,8 +338,8 @@ def actor_forward(checkpoint: str, batch: int, seconds: float) -> float:
 
 
 def run_score_rss(a: dict) -> dict:
-    from koa_ray.runtime import init_ray
     from koa_ray.infer.score import score
+    from koa_ray.runtime import init_ray
 
     init_ray(num_cpus=2)
     t = time.perf_counter()
@@ -365,12 +365,12 @@ CHILDREN = {"prepare": run_prepare, "train-plain": run_train_plain, "train-ray":
 # ------------------------------------------------------------------------------------------------------ sections
 def random_checkpoint(directory: Path, arch: str, attention: str, size: int, roi: bool) -> str:
     """A randomly initialised checkpoint in the real format (for scoring speed and memory, weights do not matter)."""
+    from koa_ray.checkpoint import save_checkpoint
     from koa_ray.config import TrainConfig, to_dict
     from koa_ray.data.augment import GRAY_MEAN, GRAY_STD
     from koa_ray.data.prep import PrepConfig
     from koa_ray.data.roi import RoiConfig
     from koa_ray.models import build_model
-    from koa_ray.checkpoint import save_checkpoint
 
     model = build_model(arch=arch, attention=attention, in_chans=1, num_classes=5)
     prep = PrepConfig(image_size=size, roi=RoiConfig(enabled=roi)).to_dict()

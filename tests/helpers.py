@@ -14,9 +14,9 @@ TINY = dict(image_size=64, batch_size=32, eval_batch_size=64, patience=0, model=
 
 def val_predictions(ckpt, prepared):
     """Reload a checkpoint (weights_only) and predict the prepared val split in-process, without Ray."""
+    from koa_ray.checkpoint import load_checkpoint
     from koa_ray.data.augment import EvalPreset
     from koa_ray.data.decode import decode_image_column
-    from koa_ray.checkpoint import load_checkpoint
     from koa_ray.train.local import read_split
 
     model, meta = load_checkpoint(ckpt)

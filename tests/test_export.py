@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from koa_ray.checkpoint import load_checkpoint, resolve_checkpoint
 from koa_ray.cli import main
 from koa_ray.data.augment import EvalPreset
 from koa_ray.data.decode import decode_image_column
 from koa_ray.infer.export import export_model, run_onnx
-from koa_ray.checkpoint import load_checkpoint, resolve_checkpoint
 from koa_ray.train.local import read_split
 
 

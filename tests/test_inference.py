@@ -97,8 +97,8 @@ def test_score_resume_after_interruption(ray_session, tiny_run, score_inputs, tm
 
 
 def test_gradcam_maps_and_hooks_released(tiny_run):
-    from koa_ray.infer.gradcam import cam_extractor, compute_cams, target_layer
     from koa_ray.checkpoint import load_checkpoint
+    from koa_ray.infer.gradcam import cam_extractor, compute_cams, target_layer
 
     run, _ = tiny_run
     model, _ = load_checkpoint(run)
@@ -372,8 +372,8 @@ def test_checkpoint_loaders_refuse_code_and_name_truncated_files(tiny_run, tmp_p
     that names the file. Both through every loader: load_checkpoint (score/evaluate/gradcam) and resume."""
     import torch
 
-    from koa_ray.infer.predictor import Predictor
     from koa_ray.checkpoint import TRAIN_STATE, WEIGHTS, load_checkpoint, load_tensors, resolve_checkpoint
+    from koa_ray.infer.predictor import Predictor
 
     good = resolve_checkpoint(tiny_run[0])
     evil = tmp_path / "evil"

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from koa_ray.config import TrainConfig
 from koa_ray.checkpoint import META
+from koa_ray.config import TrainConfig
 
 try:
     from helpers import TINY

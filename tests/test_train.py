@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
+from koa_ray.checkpoint import META, WEIGHTS, resolve_checkpoint
 from koa_ray.config import ConfigError, OptimConfig, TrainConfig, load_train_config
 from koa_ray.metrics import classification_metrics
-from koa_ray.checkpoint import META, WEIGHTS, resolve_checkpoint
 
 try:
     from helpers import TINY, read_tensorboard_scalars, val_predictions
@@ -290,8 +290,8 @@ def test_weight_ema_is_the_exponential_average_of_the_weights():
 def test_local_training_with_weight_ema_saves_and_resumes_both_weights(prepared, tmp_path):
     """With ``optim.ema_decay``, model.pt is the average (and reproduces the logged val metrics), train_state.pt
     carries the raw weights, and a resumed run continues from both."""
-    from koa_ray.train.local import fit_local
     from koa_ray.checkpoint import TRAIN_STATE
+    from koa_ray.train.local import fit_local
 
     cfg = TrainConfig(data=str(prepared), out=str(tmp_path), name="ema", epochs=2,
                       **{**TINY, "optim": OptimConfig(lr=3e-3, ema_decay=0.99)})

@@ -225,9 +225,9 @@ def run_gradcam(inputs: list[str], checkpoint: str, out: str | Path, *, method: 
     ``tta``: the test-time views the predicted grade averages (``None``: the checkpoint's, as ``koa score``)."""
     import ray
 
+    from koa_ray.checkpoint import resolve_checkpoint
     from koa_ray.data.ingest import expand_inputs, input_frame
     from koa_ray.runtime import actor_threads, cluster_gpus, frame_blocks, init_ray
-    from koa_ray.checkpoint import resolve_checkpoint
 
     _cam_class(method)
     parse_target(target)

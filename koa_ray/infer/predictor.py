@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from koa_ray.checkpoint import load_checkpoint, model_id, resolve_checkpoint
 from koa_ray.data.augment import EvalPreset
 from koa_ray.data.decode import DecodeError, read_image
 from koa_ray.data.ingest import IngestConfig, parse_patient_side
+from koa_ray.data.prep import PrepConfig, knee_crops
 from koa_ray.data.tta import tta_probs
 from koa_ray.metrics import decode_grades
-from koa_ray.data.prep import PrepConfig, knee_crops
-from koa_ray.checkpoint import load_checkpoint, model_id, resolve_checkpoint
 
 
 @dataclass

@@ -133,9 +133,9 @@ def score(inputs: list[str], checkpoint: str, out: str | Path, *, batch_size: in
     """
     import ray
 
+    from koa_ray.checkpoint import model_id, resolve_checkpoint
     from koa_ray.data.ingest import expand_inputs, input_frame
     from koa_ray.runtime import actor_threads, cluster_gpus, frame_blocks, init_ray
-    from koa_ray.checkpoint import model_id, resolve_checkpoint
 
     out = Path(out)
     if out.suffix not in (".csv", ".parquet"):

@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from koa_ray.checkpoint import META, TRAIN_STATE, WEIGHTS
 from koa_ray.config import TrainConfig
 from koa_ray.data.augment import EvalPreset, TrainPreset
 from koa_ray.data.balance import epoch_indices
 from koa_ray.data.decode import decode_image_column
 from koa_ray.progress import Reporter
-from koa_ray.checkpoint import META, TRAIN_STATE, WEIGHTS
 from koa_ray.train.loop import FaultPlan, batched, train_loop
 from koa_ray.train.run import check_inputs, data_info, run_dir, watched, write_run_artifacts
 

@@ -20,13 +20,13 @@ from typing import Iterable, Iterator, Protocol
 import numpy as np
 import torch
 
+from koa_ray.checkpoint import TRAIN_STATE, WEIGHTS, load_tensors, save_checkpoint, unwrap
 from koa_ray.config import TrainConfig, to_dict
 from koa_ray.data.augment import GRAY_MEAN, GRAY_STD
 from koa_ray.data.tta import tta_probs
 from koa_ray.losses import build_loss, class_weights
 from koa_ray.metrics import DECODINGS, classification_metrics, decode_grades
 from koa_ray.progress import Reporter
-from koa_ray.checkpoint import TRAIN_STATE, WEIGHTS, load_tensors, save_checkpoint, unwrap
 from koa_ray.train.ema import ModelEma
 
 NUM_CLASSES = 5

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from koa_ray.checkpoint import BEST_POINTER, META
 from koa_ray.config import ConfigError, TrainConfig, save_yaml
 from koa_ray.data.balance import sampled_counts, sampling_weights
 from koa_ray.data.prep import MANIFEST, load_manifest
 from koa_ray.plots import plot_confusion, plot_curves
-from koa_ray.checkpoint import BEST_POINTER, META
 from koa_ray.train.card import write_model_card
 from koa_ray.train.loop import NUM_CLASSES, DataInfo
 
