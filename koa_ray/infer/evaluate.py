@@ -46,7 +46,7 @@ class EvalActor:
         scored = score_rows(self.p, batch["path"].tolist(), self.tta, batch.get("side"))
         labels = dict(zip(batch["path"], batch["label"]))
         scored["label"] = scored["path"].map(labels).astype(int)
-        return scored.rename(columns={})[[c for c in PRED_COLUMNS]]
+        return scored[PRED_COLUMNS]
 
 
 def _rows(paths, labels, probs, sides, grades) -> pd.DataFrame:
@@ -63,9 +63,9 @@ def predict_split(checkpoint: str, data: str | Path, split: str, tta: str | None
                   use_gpu: bool | None, address: str | None) -> pd.DataFrame:
     import ray
 
+    from koa_ray.checkpoint import resolve_checkpoint
     from koa_ray.data.ingest import discover
     from koa_ray.runtime import actor_threads, cluster_gpus, frame_blocks, init_ray
-    from koa_ray.checkpoint import resolve_checkpoint
 
     data = Path(data)
     ckpt = str(resolve_checkpoint(checkpoint).resolve())
@@ -100,9 +100,10 @@ def predict_split(checkpoint: str, data: str | Path, split: str, tta: str | None
     return ds.to_pandas().sort_values("path", kind="stable").reset_index(drop=True)
 
 
-def _examples_input(p, picks: pd.DataFrame, data: Path) -> tuple[np.ndarray, list[np.ndarray | None]]:
+def _examples_input(p, picks: pd.DataFrame, data: Path, split: str) -> tuple[np.ndarray, list[np.ndarray | None]]:
     """The crops the model saw for ``picks`` and, for each, the whole image with its knee box drawn (``None`` when
-    the original file is gone): from the prepared Parquet (crop and box as stored) or from the raw files."""
+    the original file is gone): from the prepared Parquet of ``split`` (crop and box as stored; only the rows of
+    ``picks`` are read) or from the raw files."""
     from koa_ray.data.decode import decode_image_column
     from koa_ray.data.roi import KneeBox, draw_boxes
 
@@ -111,8 +112,8 @@ def _examples_input(p, picks: pd.DataFrame, data: Path) -> tuple[np.ndarray, lis
         import pyarrow.parquet as pq
 
         cols = ["path", "image", "size", "x0", "y0", "x1", "y1", "roi_score", "roi_fallback", "side"]
-        split_dirs = [d for d in data.iterdir() if d.is_dir()]
-        table = pd.concat([pq.read_table(str(d), columns=cols).to_pandas() for d in split_dirs])
+        table = pq.read_table(str(data / split), columns=cols,
+                              filters=[("path", "in", sorted(set(picks["path"])))]).to_pandas()
         table["side"] = table["side"].fillna("").astype(str)
         # a bilateral film has one row per knee: the (path, side) pair picks this knee's crop and box
         keys = list(zip(picks["path"], picks["side"].fillna("").astype(str)))
@@ -141,19 +142,18 @@ def _examples_input(p, picks: pd.DataFrame, data: Path) -> tuple[np.ndarray, lis
     return np.stack(crops), films
 
 
-def gradcam_examples(checkpoint: str, preds: pd.DataFrame, data: Path, per_grade: int,
+def gradcam_examples(p, preds: pd.DataFrame, data: Path, split: str, per_grade: int,
                      tta: str | None = None) -> list[dict]:
     """A few Grad-CAM overlays per true grade, computed in-process, each with the whole image and its knee box:
     ``[{"grade", "caption", "png", "film"}]`` (base64 PNGs; ``film`` may be ``None``). The predicted grade in a
-    caption is the one ``predictions.csv`` holds: the checkpoint's decoding over the ``tta`` views."""
+    caption is the one ``predictions.csv`` holds: the checkpoint's decoding over the ``tta`` views. ``p``: the
+    checkpoint's :class:`~koa_ray.infer.predictor.Predictor`."""
     from koa_ray.infer.gradcam import compute_cams, overlay
-    from koa_ray.infer.predictor import Predictor
 
-    p = Predictor(checkpoint, device="cpu")
     picks = preds[preds.status == "ok"].groupby("label", group_keys=False).head(per_grade)
     if picks.empty:
         return []
-    crops, films = _examples_input(p, picks, data)
+    crops, films = _examples_input(p, picks, data, split)
     probs = p.predict(crops, tta=tta)
     grades = p.grades(probs)
     maps = compute_cams(p.model, p.inputs(crops), list(grades))
@@ -166,11 +166,10 @@ def gradcam_examples(checkpoint: str, preds: pd.DataFrame, data: Path, per_grade
     return out
 
 
-def error_gallery(checkpoint: str, preds: pd.DataFrame, data: Path, per_grade: int) -> list[dict]:
+def error_gallery(p, preds: pd.DataFrame, data: Path, split: str, per_grade: int) -> list[dict]:
     """The worst misgradings per true grade: farthest from the true grade first, then the most confident; each with
-    the crop the model saw and the whole image with its knee box. ``[{"grade", "caption", "png", "film"}]``."""
-    from koa_ray.infer.predictor import Predictor
-
+    the crop the model saw and the whole image with its knee box. ``[{"grade", "caption", "png", "film"}]``.
+    ``p``: the checkpoint's :class:`~koa_ray.infer.predictor.Predictor` (it decodes the raw files)."""
     wrong = preds[(preds.status == "ok") & (preds.grade != preds.label)].copy()
     if wrong.empty or per_grade <= 0:
         return []
@@ -179,8 +178,7 @@ def error_gallery(checkpoint: str, preds: pd.DataFrame, data: Path, per_grade: i
     wrong["confidence"] = probs[np.arange(len(wrong)), wrong["grade"].to_numpy().astype(int)]
     picks = (wrong.sort_values(["label", "distance", "confidence", "path"], ascending=[True, False, False, True])
              .groupby("label", group_keys=False).head(per_grade))
-    p = Predictor(checkpoint, device="cpu")
-    crops, films = _examples_input(p, picks, data)
+    crops, films = _examples_input(p, picks, data, split)
     out = []
     for row, crop, film in zip(picks.itertuples(), crops, films):
         rgb = np.repeat(upscale_gray(crop)[..., None], 3, axis=2)
@@ -219,8 +217,13 @@ def evaluate(checkpoint: str, data: str | Path, out: str | Path, *, split: str =
     per_class.to_csv(out / "per_class.csv", index=False)
     plot_confusion(np.array(metrics["confusion_matrix"]), out / "confusion_matrix.png")
     plot_reliability(cal, out / "reliability.png")
-    examples = gradcam_examples(str(ckpt), ok, data, gradcam_per_grade, tta) if gradcam_per_grade > 0 else []
-    errors = error_gallery(str(ckpt), ok, data, errors_per_grade) if errors_per_grade > 0 else []
+    examples, errors = [], []
+    if gradcam_per_grade > 0 or errors_per_grade > 0:
+        from koa_ray.infer.predictor import Predictor
+
+        p = Predictor(ckpt, device="cpu")  # one in-process model for both example sets
+        examples = gradcam_examples(p, ok, data, split, gradcam_per_grade, tta) if gradcam_per_grade > 0 else []
+        errors = error_gallery(p, ok, data, split, errors_per_grade) if errors_per_grade > 0 else []
     write_report(out / "report.html", metrics, per_class, examples, ckpt, meta, split, tta,
                  n_errors=int((preds.status == "error").sum()), cal=cal, gallery=errors)
     return metrics
